@@ -1,0 +1,253 @@
+"""`deploy build`: load -> evaluate original -> compress -> export -> passes -> engines -> verify -> report.
+
+Everything is written into a temporary sibling folder and moved onto --out only when the
+whole build succeeded, so a failure never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .compress.base import CompressContext, CompressResult, get_method
+from .compress.calibration import Calibration, CalibrationConfig
+from .compress.targets import DEFAULT_EXCLUDE, find_targets
+from .errors import UserError
+from .models.registry import LoadedModel, load_model
+from .progress import log, stage
+
+
+@dataclass
+class BuildConfig:
+    model: str = "minilm"
+    method: str = "svd"
+    ratio: float = 0.5
+    out: str = "build/out"
+    device: str = "cpu"
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    calib: CalibrationConfig = field(default_factory=CalibrationConfig)
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    latency_points: tuple[tuple[int, int], ...] = ((1, 128), (8, 128))
+    latency_runs: int = 20
+    baseline: bool = True
+    evaluate: bool = True
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    report: dict
+
+
+def check_config(cfg: BuildConfig) -> None:
+    """Reject bad input before any work (one named problem + fix each)."""
+    if not (0.0 < cfg.ratio < 1.0):
+        raise UserError(f"--ratio must be between 0 and 1 (exclusive), got {cfg.ratio}",
+                        "pass e.g. --ratio 0.5 to remove half of the targeted layers' bytes")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UserError(f"unknown device '{cfg.device}'", "use --device cpu or --device cuda")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
+    get_method(cfg.method)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"--out {out} is not writable", "choose a folder you can write to")
+
+
+def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def run_build(cfg: BuildConfig) -> BuildResult:
+    check_config(cfg)
+    out = Path(cfg.out)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.resolve().parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        report = _build_into(cfg, tmp)
+        report["artifacts"] = {k: str(out / Path(v).name) for k, v in report["artifacts"].items()}
+        from .report import write_report
+        write_report(report, tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"artifact: {out / 'model.onnx'}  report: {out / 'report.md'}")
+    return BuildResult(out, report)
+
+
+def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
+    from .engines import ort as ortmod
+    from .export import export_onnx
+    from .passes.presets import ort_pipeline
+    from .verify.fidelity import compare_torch_onnx
+    from .verify.quality import QualityProbe
+
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    method = get_method(cfg.method)
+
+    with stage("load model", timings):
+        loaded: LoadedModel = load_model(cfg.model)
+        model = loaded.model.to(cfg.device)
+    targets = find_targets(model, cfg.include, cfg.exclude)
+    if not targets:
+        raise UserError(f"model '{cfg.model}' has no nn.Linear layers matching the target patterns",
+                        "pick a transformer with linear layers, or widen the target patterns")
+    params_before, bytes_before = model_bytes(model)
+
+    probe = QualityProbe(loaded, device=cfg.device)
+    if cfg.evaluate:
+        with stage("evaluate original", timings):
+            probe.capture_original(model)
+
+    baseline_path = tmp / "baseline.onnx"
+    if cfg.baseline:
+        with stage("export original (latency baseline)", timings):
+            export_onnx(loaded, model, baseline_path)
+
+    ctx = CompressContext(ratio=cfg.ratio, device=cfg.device, seed=cfg.seed, options=dict(cfg.options))
+    if method.needs_calibration:
+        ctx.calibration = Calibration(loaded, cfg.calib, cfg.device)
+    with stage(f"compress ({cfg.method})", timings):
+        result: CompressResult = method.compress(model, targets, ctx)
+    model.eval()
+    params_after, bytes_after = model_bytes(model)
+
+    quality = {}
+    if cfg.evaluate:
+        with stage("evaluate compressed", timings):
+            quality = {"original": probe.reference, "compressed": probe.score(model)}
+
+    raw_path = tmp / "exported.onnx"
+    with stage("export compressed", timings):
+        exp = export_onnx(loaded, model, raw_path)
+
+    import onnx
+
+    from .passes.pipeline import PassContext, run_pipeline
+
+    factorized = {r.name: r.after for r in result.layers if r.after.get("kind") != "dense"}
+    pctx = PassContext(layers=factorized, target="ort")
+    model_path = tmp / "model.onnx"
+    with stage("graph passes (onnx-graphsurgeon)", timings):
+        proto = run_pipeline(onnx.load(str(raw_path)), ort_pipeline(), pctx)
+        onnx.save_model(proto, str(model_path))
+    raw_path.unlink()
+
+    with stage("ONNX Runtime session + optimized model", timings):
+        opt_path = tmp / "model.ort-optimized.onnx"
+        ortmod.session(model_path, optimized_out=opt_path)
+
+    with stage("verify export (polygraphy: torch vs ONNX Runtime)", timings):
+        feeds = fidelity_feeds(loaded)
+        atol, rtol = tolerances(loaded)
+        fid = compare_torch_onnx(lambda x: loaded.output(model, x), str(model_path), feeds, loaded.input_names,
+                                 loaded.output_name, atol=atol, rtol=rtol, device=cfg.device)
+    if not fid.passed:
+        log(f"WARNING: export fidelity check FAILED (max abs {fid.max_abs:.3g} > atol {atol})")
+
+    latency = []
+    with stage("latency (ONNX Runtime)", timings):
+        vocab = int(getattr(model.config, "vocab_size", 1000))
+        comp_sess = ortmod.session(model_path)
+        base_sess = ortmod.session(baseline_path) if cfg.baseline else None
+        for b, s in cfg.latency_points:
+            feeds_l = ortmod.random_feeds(loaded.input_names, b, s, vocab)
+            row = {"batch": b, "seq": s, "compressed": asdict(ortmod.measure_latency(comp_sess, feeds_l, cfg.latency_runs))}
+            if base_sess is not None:
+                row["original"] = asdict(ortmod.measure_latency(base_sess, feeds_l, cfg.latency_runs))
+                row["speedup"] = round(row["original"]["median_ms"] / row["compressed"]["median_ms"], 3)
+            latency.append(row)
+
+    artifacts = {"model": model_path, "ort_optimized": opt_path}
+    if cfg.baseline:
+        artifacts["baseline"] = baseline_path
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    return {
+        "factordeploy_version": __version__,
+        "model": {"name": loaded.name, "kind": loaded.kind, "source": loaded.source},
+        "method": {"name": cfg.method, "summary": method.summary, "ratio": cfg.ratio, "options": cfg.options,
+                   "notes": result.notes, **({"extra": result.extra} if result.extra else {})},
+        "calibration": ctx.calibration.describe() if ctx.calibration is not None else None,
+        "size": {
+            "params_before": params_before, "params_after": params_after,
+            "bytes_before": bytes_before, "bytes_after": bytes_after,
+            "targeted_layers": len(targets),
+            "factorized_layers": len(factorized),
+            "targeted_bytes_before": result.bytes_before, "targeted_bytes_after": result.bytes_after,
+            "targeted_reduction": round(1 - result.bytes_after / result.bytes_before, 4),
+        },
+        "layers": [asdict(r) for r in result.layers],
+        "export": asdict(exp) | {"path": "model.onnx"},
+        "passes": pctx.log,
+        "fidelity": fid.as_dict() | {"feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds]},
+        "quality": quality,
+        "latency": {"engine": "onnxruntime", "providers": ortmod.providers(), "points": latency},
+        "artifacts": {k: str(v) for k, v in artifacts.items()},
+        "sizes_on_disk": {k: os.path.getsize(v) for k, v in artifacts.items()},
+        "timings_s": timings,
+        "versions": versions(),
+    }
+
+
+def fidelity_feeds(loaded: LoadedModel) -> list[dict]:
+    """Real tokenized held-out text at two shapes (dynamic axes exercised)."""
+    from .models import text as textmod
+
+    sents = textmod.sentences(textmod.evaluation_articles())
+    feeds = []
+    for i, (n, max_len) in enumerate(((2, 32), (4, 64))):
+        enc = loaded.encode(sents[i * 8:i * 8 + n], max_len)
+        feeds.append({k: v.numpy() for k, v in enc.items()})
+    return feeds
+
+
+def tolerances(loaded: LoadedModel) -> tuple[float, float]:
+    """fp32 torch vs fp32 ONNX Runtime: summation order differs; logits are larger than hidden states."""
+    return (1e-3, 1e-3) if loaded.kind == "decoder" else (1e-4, 1e-3)
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+         "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}
+    try:
+        import polygraphy
+        v["polygraphy"] = polygraphy.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return v

@@ -1,0 +1,111 @@
+"""`deploy`: the command-line entry point (click command group)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .errors import UserError
+
+
+class _Group(click.Group):
+    """Turns UserError into one line on stderr and exit code 2 (never a traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e.message}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="factordeploy")
+def main() -> None:
+    """Compress a transformer into factorized layers and build a verified deployable artifact."""
+
+
+def _method_options(f):
+    from .compress.base import all_options
+
+    for opt in reversed(all_options()):
+        f = click.option(f"--{opt.name}", opt.key, type=opt.type, default=None,
+                         help=f"{opt.help} (default: {opt.default})")(f)
+    return f
+
+
+@main.command()
+@click.option("--model", default="minilm", show_default=True, help="registry name (see `deploy models`) or a local HF folder")
+@click.option("--method", default="svd", show_default=True, help="compression method (see `deploy methods`)")
+@click.option("--ratio", type=float, default=0.5, show_default=True,
+              help="fraction of the targeted layers' stored bytes to remove, 0 < ratio < 1")
+@click.option("--out", default=None, help="output folder [default: build/<model>-<method>]")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib", type=int, default=128, show_default=True, help="calibration samples")
+@click.option("--calib-len", type=int, default=128, show_default=True, help="tokens per calibration sample")
+@click.option("--calib-data", type=click.Path(), default=None, help="your own calibration text (.txt or .jsonl)")
+@click.option("--targets", default="*", show_default=True, help="comma-separated glob patterns of linears to compress")
+@click.option("--no-eval", is_flag=True, help="skip the task-quality evaluation")
+@click.option("--no-baseline", is_flag=True, help="skip the original-model ONNX (no latency comparison)")
+@click.option("--quiet", is_flag=True, help="no progress output")
+@_method_options
+def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
+          quiet, **method_opts):
+    """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
+    from .build import BuildConfig, run_build
+    from .compress.base import get_method
+    from .compress.calibration import CalibrationConfig
+    from .progress import set_quiet
+
+    set_quiet(quiet)
+    if calib < 1 or calib_len < 8:
+        raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
+    m = get_method(method)
+    declared = {o.key: o.default for o in m.options}
+    given = {k: v for k, v in method_opts.items() if v is not None}
+    foreign = sorted(k for k in given if k not in declared)
+    if foreign:
+        raise UserError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to method '{method}'",
+                        f"see `deploy methods` for what {method} takes")
+    options = declared | given
+    cfg = BuildConfig(model=model, method=method, ratio=ratio, out=out or f"build/{model.replace('/', '_')}-{method}",
+                      device=device, seed=seed, options=options,
+                      calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
+                      include=tuple(p.strip() for p in targets.split(",") if p.strip()),
+                      evaluate=not no_eval, baseline=not no_baseline)
+    res = run_build(cfg)
+    r = res.report
+    click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "
+               f"export check {'passed' if r['fidelity']['passed'] else 'FAILED'} (max abs {r['fidelity']['max_abs']:.2g})")
+    if not r["fidelity"]["passed"]:
+        sys.exit(1)
+
+
+@main.command()
+def methods() -> None:
+    """List compression methods and their options."""
+    from .compress.base import all_methods
+
+    rows = all_methods()
+    width = max(len(n) for n in rows)
+    for name, cls in rows.items():
+        click.echo(f"{name.ljust(width)}  {cls.summary}")
+        for o in cls.options:
+            click.echo(f"{''.ljust(width)}    --{o.name} (default {o.default}): {o.help}")
+
+
+@main.command()
+def models() -> None:
+    """List packaged models; any local Hugging Face folder also works as --model PATH."""
+    from .models.registry import REGISTRY
+
+    for name, (desc, _) in REGISTRY.items():
+        click.echo(f"{name.ljust(8)}  {desc}")
+    click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

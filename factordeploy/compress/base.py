@@ -1,0 +1,155 @@
+"""The method interface and registry.
+
+A method is a class with a name, a one-line summary, its own CLI options, and
+`compress(model, targets, ctx) -> CompressResult`. Methods live one per module in
+`compress/methods/` and register themselves with `@register`; the CLI builds its flags
+from `Method.options`, so adding a method touches compress/ only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .layers import describe_layer, layer_bytes
+from .targets import get_module, set_module
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """A method-specific CLI flag: `--{name}` (dashes), stored in ctx.options[name with underscores]."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+
+@dataclass
+class CompressContext:
+    """Everything a method may need besides the model: budget, device, seed, options, data."""
+
+    ratio: float
+    device: str = "cpu"
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    calibration: Any = None  # compress.calibration.Calibration, built lazily by the build
+
+    def opt(self, key: str, default: Any = None) -> Any:
+        v = self.options.get(key)
+        return default if v is None else v
+
+    def require_calibration(self):
+        if self.calibration is None:
+            raise UserError("this method needs calibration data", "run it through `deploy build` or pass a Calibration")
+        return self.calibration
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one targeted layer."""
+
+    name: str
+    before: dict
+    after: dict
+    bytes_before: int
+    bytes_after: int
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompressResult:
+    layers: list[LayerRecord]
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.layers)
+
+
+class Method:
+    """Base class for compression methods."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    options: ClassVar[tuple[MethodOption, ...]] = ()
+    needs_calibration: ClassVar[bool] = False
+
+    def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
+        raise NotImplementedError
+
+
+def replace_layer(model: nn.Module, name: str, new: nn.Module | None, metrics: dict | None = None) -> LayerRecord:
+    """Swap one targeted layer (None = keep it dense) and return its record."""
+    old = get_module(model, name)
+    before, bytes_before = describe_layer(old), layer_bytes(old)
+    if new is not None:
+        set_module(model, name, new)
+    cur = get_module(model, name)
+    return LayerRecord(name, before, describe_layer(cur), bytes_before, layer_bytes(cur), metrics or {})
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    import importlib
+    import pkgutil
+
+    from . import methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def all_methods() -> dict[str, type[Method]]:
+    _discover()
+    return dict(sorted(METHODS.items()))
+
+
+def get_method(name: str) -> Method:
+    methods = all_methods()
+    if name not in methods:
+        raise UserError(f"unknown method '{name}'", f"use one of: {', '.join(methods)} (see `deploy methods`)")
+    return methods[name]()
+
+
+def all_options() -> list[MethodOption]:
+    """Union of every method's options (same name must mean the same flag)."""
+    seen: dict[str, MethodOption] = {}
+    for cls in all_methods().values():
+        for o in cls.options:
+            if o.name in seen and seen[o.name] != o:
+                prev = seen[o.name]
+                if (prev.type, prev.default) != (o.type, o.default):
+                    raise RuntimeError(f"option --{o.name} declared differently by two methods")
+                continue
+            seen[o.name] = o
+    return list(seen.values())
+
+
+def move_to(t: torch.Tensor, device: str) -> torch.Tensor:
+    return t.to(device) if str(t.device) != device else t
+
+
+ProgressFn = Callable[[str], None]

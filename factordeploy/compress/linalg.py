@@ -1,0 +1,99 @@
+"""Shared linear algebra for every method: truncated SVD, Gram whitening, weighted SVD.
+
+All data-aware methods reduce to "SVD (or dictionary learning) of a transformed weight";
+the transforms live here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Factors:
+    """W ~ B @ A, with the singular values that were kept and dropped (of the transformed matrix)."""
+
+    A: torch.Tensor  # r x in
+    B: torch.Tensor  # out x r
+    kept: torch.Tensor
+    dropped: torch.Tensor
+
+
+def svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in float64 for accuracy; returns U, S, Vh."""
+    return torch.linalg.svd(W.detach().to(torch.float64), full_matrices=False)
+
+
+def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int,
+                  balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate to `rank`; returns (A, B) with B @ A = U_r S_r Vh_r.
+
+    balanced=False puts S on the left (B = U S, A = Vh), as in the plain SVD recipe;
+    balanced=True splits sqrt(S) to both sides (WeLore's U sqrt(S), sqrt(S) V^T).
+    """
+    U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+    if balanced:
+        s = S.sqrt()
+        return s[:, None] * Vh, U * s[None, :]
+    return Vh, U * S[None, :]
+
+
+def truncated_svd(W: torch.Tensor, rank: int, balanced: bool = False) -> Factors:
+    """Best rank-`rank` approximation of W in Frobenius norm (Eckart-Young)."""
+    U, S, Vh = svd(W)
+    A, B = split_factors(U, S, Vh, rank, balanced)
+    return Factors(A.to(W.dtype), B.to(W.dtype), S[:rank], S[rank:])
+
+
+def gram_factor(G: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+    """Lower Cholesky factor L of the damped Gram matrix G = X^T X (L L^T = G + lambda I).
+
+    Damping grows until Cholesky succeeds: calibration Grams of real layers are often
+    singular (dead channels), and whitening must still be defined there.
+    """
+    G = G.to(torch.float64)
+    n = G.shape[0]
+    scale = float(torch.diagonal(G).mean().clamp_min(1e-12))
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    lam = damp
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(G + lam * scale * eye)
+        if int(info) == 0:
+            return L
+        lam *= 10
+    raise RuntimeError("Gram matrix could not be made positive definite")
+
+
+def whitened_svd(W: torch.Tensor, L: torch.Tensor, rank: int) -> Factors:
+    """Minimise ||X W^T - X (B A)^T||_F given L L^T = X^T X.
+
+    ||X M^T||_F = ||M L||_F, so the optimum is the truncated SVD of W L with the right
+    factor multiplied by L^-1. The output error equals the dropped singular values of W L.
+    """
+    WL = W.detach().to(torch.float64) @ L
+    U, S, Vh = svd(WL)
+    A_w, B = split_factors(U, S, Vh, rank)
+    # A = A_w L^-1  <=>  A L = A_w  <=>  L^T A^T = A_w^T
+    A = torch.linalg.solve_triangular(L.T, A_w.T, upper=True).T
+    return Factors(A.to(W.dtype), B.to(W.dtype), S[:rank], S[rank:])
+
+
+def row_weighted_svd(W: torch.Tensor, row_weight: torch.Tensor, rank: int) -> Factors:
+    """Minimise sum_i w_i ||W_i - (BA)_i||^2: SVD of diag(sqrt w) W, then divide the rows back.
+
+    With equal weights this is exactly truncated SVD (FWSVD's reduction, tested).
+    """
+    d = row_weight.detach().to(torch.float64).sqrt()
+    U, S, Vh = svd(d[:, None] * W.detach().to(torch.float64))
+    A, B = split_factors(U, S, Vh, rank)
+    B = B / d[:, None]
+    return Factors(A.to(W.dtype), B.to(W.dtype), S[:rank], S[rank:])
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float:
+    """||X (W - W_hat)^T||_F computed from the Gram matrix G = X^T X (no activations kept)."""
+    E = (W.detach() - W_hat.detach()).to(torch.float64)
+    val = torch.einsum("oi,ij,oj->", E, G.to(torch.float64), E)
+    return float(val.clamp_min(0).sqrt())

@@ -1,0 +1,72 @@
+"""`svd`: truncated SVD of each targeted linear (W ~ U_r S_r V_r^T), rank from the byte budget."""
+
+from __future__ import annotations
+
+import click
+import torch
+from torch import nn
+
+from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
+from ..budget import allocate_by_threshold, uniform_rank
+from ..layers import LowRankLinear
+from ..linalg import Factors, svd, truncated_svd
+from ...progress import track
+
+ALLOCATION = MethodOption("allocation", click.Choice(["uniform", "welore"]), "uniform",
+                          "rank allocation: same byte ratio per layer, or WeLore's global spectrum threshold")
+
+
+class LowRankMethod(Method):
+    """Shared driver for every SVD-family method: allocate ranks, factor each layer, swap it in.
+
+    Subclasses override `spectrum` (the singular values that drive allocation) and `factor`
+    (the rank-r factors); everything else - budget, dense fallback, records - lives here once.
+    """
+
+    options = (ALLOCATION,)
+
+    def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:
+        """Hook for data collection before any layer changes (calibration statistics etc.)."""
+
+    def spectrum(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        return svd(W)[1]
+
+    def factor(self, name: str, W: torch.Tensor, rank: int) -> Factors:
+        return truncated_svd(W, rank)
+
+    def metrics(self, name: str, W: torch.Tensor, f: Factors) -> dict:
+        w = float(W.double().norm())
+        return {"weight_rel_error": float(f.dropped.double().norm()) / w if w else 0.0}
+
+    def ranks(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> dict[str, int]:
+        shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in targets}
+        if ctx.opt("allocation", "uniform") == "welore":
+            spectra = {n: self.spectrum(n, model.get_submodule(n).weight.detach())
+                       for n in track(targets, "spectra for allocation")}
+            alloc = allocate_by_threshold(spectra, shapes, ctx.ratio, min_reduction=ctx.opt("min_reduction", 0.0))
+            self.allocation_note = f"welore allocation: tau={alloc.tau:.4f}, bytes {alloc.bytes_after}/{alloc.bytes_budget} budget"
+            return alloc.ranks
+        self.allocation_note = "uniform allocation: each layer keeps (1 - ratio) of its bytes"
+        return {n: uniform_rank(o, i, ctx.ratio) for n, (o, i) in shapes.items()}
+
+    def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
+        self.prepare(model, targets, ctx)
+        ranks = self.ranks(model, targets, ctx)
+        records = []
+        for name in track(targets, f"{self.name} layers"):
+            layer = model.get_submodule(name)
+            r = ranks[name]
+            if r <= 0:
+                records.append(replace_layer(model, name, None))
+                continue
+            W = layer.weight.detach().to(ctx.device)
+            f = self.factor(name, W, r)
+            new = LowRankLinear(f.A.to(layer.weight.dtype), f.B.to(layer.weight.dtype), layer.bias).to(layer.weight.device)
+            records.append(replace_layer(model, name, new, self.metrics(name, W, f)))
+        return CompressResult(records, notes=[self.allocation_note])
+
+
+@register
+class SVDMethod(LowRankMethod):
+    name = "svd"
+    summary = "truncated SVD per layer (W ~ U_r S_r V_r^T), data-free"

@@ -1,0 +1,66 @@
+"""ONNX Runtime: sessions (CUDA provider when installed, else CPU), optimized model, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def providers() -> list[str]:
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+
+
+def session(path: str | Path, optimized_out: str | Path | None = None, threads: int = 0) -> ort.InferenceSession:
+    """A session; if `optimized_out` is given, ORT writes its optimized graph there (portable level)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_out is not None:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(optimized_out)
+    return ort.InferenceSession(str(path), so, providers=providers())
+
+
+def random_feeds(input_names: list[str], batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for n in input_names:
+        if n == "input_ids":
+            feeds[n] = rng.integers(100, max(vocab, 101), size=(batch, seq), dtype=np.int64)
+        elif n == "attention_mask":
+            feeds[n] = np.ones((batch, seq), dtype=np.int64)
+        else:
+            feeds[n] = np.zeros((batch, seq), dtype=np.int64)
+    return feeds
+
+
+@dataclass
+class Latency:
+    batch: int
+    seq: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+def measure_latency(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int = 20,
+                    warmup: int = 3) -> Latency:
+    """Median and p90 wall time of `runs` inferences after `warmup`."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    b, s = next(iter(feeds.values())).shape
+    return Latency(int(b), int(s), round(statistics.median(times), 3),
+                   round(times[min(len(times) - 1, int(0.9 * len(times)))], 3), runs)

@@ -1,0 +1,16 @@
+"""Named pass pipelines per target runtime."""
+
+from __future__ import annotations
+
+from .annotate import name_factorized
+from .basic import fold_constants
+from .pipeline import Pass
+
+
+def common_pipeline() -> list[Pass]:
+    return [name_factorized, fold_constants]
+
+
+def ort_pipeline() -> list[Pass]:
+    """Graph for ONNX Runtime: standard ops only."""
+    return common_pipeline()

@@ -1,0 +1,81 @@
+"""report.json (everything, machine-readable) and report.md (the headline figures for a person)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def render_markdown(r: dict) -> str:
+    s, q = r["size"], r.get("quality") or {}
+    lines = [
+        f"# factordeploy report: {r['model']['name']} / {r['method']['name']} (ratio {r['method']['ratio']})",
+        "",
+        f"Model: `{r['model']['name']}` ({r['model']['kind']}), source `{r['model']['source']}`.  ",
+        f"Method: `{r['method']['name']}` - {r['method']['summary']}.  ",
+    ]
+    for note in r["method"].get("notes", []):
+        lines.append(f"Note: {note}.  ")
+    if r.get("calibration"):
+        c = r["calibration"]
+        lines.append(f"Calibration: {c['n']} x {c['length']} tokens, seed {c['seed']}, from {c['source']}.  ")
+    lines += [
+        "",
+        "## Size",
+        "| | before | after |",
+        "|---|---:|---:|",
+        f"| parameters (whole model) | {s['params_before']:,} | {s['params_after']:,} |",
+        f"| weight bytes (whole model) | {_mb(s['bytes_before'])} | {_mb(s['bytes_after'])} |",
+        f"| targeted layers' bytes ({s['targeted_layers']} layers, {s['factorized_layers']} factorized) "
+        f"| {_mb(s['targeted_bytes_before'])} | {_mb(s['targeted_bytes_after'])} |",
+        "",
+        f"Targeted-byte reduction: **{s['targeted_reduction'] * 100:.1f}%**.",
+        "",
+    ]
+    f = r["fidelity"]
+    lines += [
+        "## Export check (polygraphy: compressed torch vs model.onnx on ONNX Runtime, real text)",
+        f"**{'PASSED' if f['passed'] else 'FAILED'}** - max abs error {f['max_abs']:.3g}, max rel error {f['max_rel']:.3g}, "
+        f"mean abs {f['mean_abs']:.3g}; tolerance atol {f['atol']} + rtol {f['rtol']}, {f['iterations']} inputs "
+        f"({', '.join(str(x['input_ids']) for x in f['feeds'])}).",
+        f"onnx.checker: {r['export']['checker']}; shape inference: {r['export']['shape_inference']}; opset {r['export']['opset']}.",
+        "",
+    ]
+    if q:
+        lines += ["## Quality on held-out text (vs the original model)", "| metric | original | compressed |", "|---|---:|---:|"]
+        comp, orig = q["compressed"], q["original"]
+        if "perplexity" in comp:
+            lines.append(f"| perplexity ({comp['windows']} x {comp['window_len']} tokens) | {orig['perplexity']:.3f} | {comp['perplexity']:.3f} |")
+        else:
+            lines.append(f"| mean embedding cosine vs original ({comp['eval_sentences']} sentences) | 1.0 | {comp['embedding_cosine_mean']:.4f} |")
+            lines.append(f"| polarity probe accuracy (LOO nearest centroid, 200 sentences) | {orig['polarity_accuracy']:.3f} | {comp['polarity_accuracy']:.3f} |")
+        lines.append("")
+    lat = r["latency"]
+    lines += [f"## Latency ({lat['engine']}, {', '.join(lat['providers'])}; median of runs)",
+              "| batch x seq | original ms | compressed ms | speedup |", "|---|---:|---:|---:|"]
+    for p in lat["points"]:
+        o = p.get("original", {}).get("median_ms", float("nan"))
+        lines.append(f"| {p['batch']} x {p['seq']} | {o:.2f} | {p['compressed']['median_ms']:.2f} | {p.get('speedup', float('nan')):.2f}x |")
+    lines += ["", "## Layers", "| layer | before | after | bytes before | bytes after |", "|---|---|---|---:|---:|"]
+    for lay in r["layers"]:
+        after = ", ".join(f"{k}={v}" for k, v in lay["after"].items() if k not in ("in", "out"))
+        lines.append(f"| {lay['name']} | {lay['before']['out']}x{lay['before']['in']} | {after} | {lay['bytes_before']:,} | {lay['bytes_after']:,} |")
+    lines += ["", "## Passes", "| pass | nodes before | nodes after | s |", "|---|---:|---:|---:|"]
+    for p in r["passes"]:
+        lines.append(f"| {p['pass']} | {p['nodes_before']} | {p['nodes_after']} | {p['seconds']} |")
+    lines += ["", "## Artifacts", "| artifact | path | size |", "|---|---|---:|"]
+    for k, v in r["artifacts"].items():
+        lines.append(f"| {k} | `{v}` | {_mb(r['sizes_on_disk'][k])} |")
+    lines += ["", "## Wall time per stage (s)", "| stage | s |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in r["timings_s"].items()]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (folder / "report.md").write_text(render_markdown(report))

@@ -1,0 +1,1 @@
+"""verify/: export fidelity (polygraphy) and task quality against the original model."""
