@@ -66,6 +66,8 @@ def check_config(cfg: BuildConfig) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--out {out} is not writable: {probe} is a file", "choose a folder you can write to")
     if not os.access(probe, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise UserError(f"--out {out} is not writable", "choose a folder you can write to")
 

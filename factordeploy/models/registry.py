@@ -75,8 +75,18 @@ class LoadedModel:
         return self.batch_from_ids(sample_windows(stream, batch, seq, seed=1234))
 
 
+def _quiet_transformers() -> None:
+    """Our own stage log reports progress; transformers' bars and length warnings are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _hf_load(path: str, gguf_file: str | None = None) -> tuple[nn.Module, object, Kind]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:

@@ -69,3 +69,13 @@ def read_manifest(model: onnx.ModelProto) -> dict[str, dict]:
         if p.key == MANIFEST_KEY:
             return json.loads(p.value)
     return {}
+
+
+def factorized_nodes(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Nodes of each named factorized layer, in graph order (for passes, reports and tests)."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        layer = layer_of(node.name)
+        if layer is not None:
+            out.setdefault(layer, []).append(node)
+    return out

