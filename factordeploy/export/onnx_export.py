@@ -58,8 +58,9 @@ def export_onnx(loaded: LoadedModel, model: nn.Module, path: str | Path, opset: 
     """Export `model` (the loaded model or a compressed copy) to `path` and validate it."""
     path = Path(path)
     wrapper = ExportWrapper(loaded, model).eval()
+    device = next(model.parameters()).device  # export where the model lives (cuda for big models)
     inputs = loaded.example_inputs(batch, seq)
-    args = tuple(inputs[n] for n in loaded.input_names)
+    args = tuple(inputs[n].to(device) for n in loaded.input_names)
     max_pos = int(getattr(getattr(model, "config", None), "max_position_embeddings", 8192) or 8192)
     b = torch.export.Dim("batch", min=1, max=4096)
     s = torch.export.Dim("sequence", min=1, max=max_pos)
