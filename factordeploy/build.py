@@ -110,6 +110,7 @@ def run_build(cfg: BuildConfig) -> BuildResult:
 def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     from .engines import ort as ortmod
     from .export import export_onnx
+    from .export.onnx_export import export_original_cached
     from .passes.presets import ort_pipeline
     from .verify.fidelity import compare_torch_onnx
     from .verify.quality import QualityProbe
@@ -134,9 +135,10 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
             probe.capture_original(model)
 
     baseline_path = tmp / "baseline.onnx"
+    baseline_cached = False
     if cfg.baseline:
         with stage("export original (latency baseline)", timings):
-            export_onnx(loaded, model, baseline_path)
+            baseline_cached = export_original_cached(loaded, model, baseline_path)
 
     ctx = CompressContext(ratio=cfg.ratio, device=cfg.device, seed=cfg.seed, options=dict(cfg.options))
     if method.needs_calibration:
@@ -219,6 +221,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         "artifacts": {k: str(v) for k, v in artifacts.items()},
         "sizes_on_disk": {k: os.path.getsize(v) for k, v in artifacts.items()},
         "timings_s": timings,
+        "baseline_export_cached": baseline_cached,
         "versions": versions(),
     }
 

@@ -106,3 +106,40 @@ def validate_onnx(path: str | Path) -> tuple[str, str]:
     except Exception as e:
         raise UserError(f"exported ONNX fails shape inference: {str(e).splitlines()[0]}", "report this as a bug") from e
     return "passed", "passed"
+
+
+def _source_key(loaded: LoadedModel, opset: int) -> str:
+    """Identity of an unmodified model's export: its files (name, size, mtime), torch and opset."""
+    import hashlib
+
+    h = hashlib.sha256(f"{loaded.name}|{torch.__version__}|{onnx.__version__}|{opset}".encode())
+    src = Path(loaded.source)
+    for f in sorted(src.rglob("*")) if src.is_dir() else []:
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(src)}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:20]
+
+
+def export_original_cached(loaded: LoadedModel, model: nn.Module, path: str | Path, opset: int = OPSET) -> bool:
+    """Export the UNMODIFIED model, reusing a cached export of the same files (returns True on a hit).
+
+    The baseline is identical for every build of a model, and exporting a 30-layer decoder
+    takes minutes on a small CPU, so it is done once per model version.
+    """
+    import shutil
+
+    from ..models.registry import cache_dir
+
+    cached = cache_dir() / "onnx" / _source_key(loaded, opset) / "model.onnx"
+    if cached.exists() and not Path(str(cached) + ".data").exists():
+        shutil.copyfile(cached, path)
+        return True
+    export_onnx(loaded, model, path, opset)
+    if Path(str(path) + ".data").exists():
+        return False  # external-data exports are not cached (their data file name is tied to `path`)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, cached)
+    return False
