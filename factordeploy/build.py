@@ -239,8 +239,14 @@ def fidelity_feeds(loaded: LoadedModel) -> list[dict]:
 
 
 def tolerances(loaded: LoadedModel) -> tuple[float, float]:
-    """fp32 torch vs fp32 ONNX Runtime: summation order differs; logits are larger than hidden states."""
-    return (1e-3, 1e-3) if loaded.kind == "decoder" else (1e-4, 1e-3)
+    """Elementwise |ort - torch| <= atol + rtol * |torch| for fp32 vs fp32.
+
+    GEMM summation order differs between runtimes, and the difference grows with depth and
+    output scale: SmolLM2's logits (std ~6, |max| ~37, 30 layers) differ by ~4e-4 on average
+    and ~1e-2 at worst, MiniLM's hidden states by ~1e-5. An export bug moves outputs by O(1),
+    so these bounds still catch real errors; mean error is reported beside them.
+    """
+    return (2e-2, 1e-2) if loaded.kind == "decoder" else (1e-4, 1e-3)
 
 
 def versions() -> dict[str, str]:
