@@ -67,6 +67,9 @@ class FidelityResult:
 def compare_torch_onnx(fn, onnx_path: str, feeds: list[dict[str, np.ndarray]], input_names: list[str],
                        output_name: str, atol: float, rtol: float, device: str = "cpu") -> FidelityResult:
     """Run both on the same real inputs; pass iff every element meets |a-b| <= atol + rtol*|b|."""
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # our report states the statistics; polygraphy's dump is noise
     torch_runner = TorchRunner(fn, input_names, output_name, device, name="torch")
     ort_runner = OnnxrtRunner(SessionFromOnnx(onnx_path, providers=providers()), name="onnxruntime")
     results = Comparator.run([torch_runner, ort_runner], data_loader=feeds)
