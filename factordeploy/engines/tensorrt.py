@@ -7,8 +7,8 @@ EngineFromNetwork for the build: it deserializes the engine right after building
 the engine supports; building bytes works ahead-of-time on a CPU machine.
 
 The builder's log is captured at VERBOSE into a file. Layer count: the engine inspector when the
-engine can be deserialized here (a supported GPU), else the builder log's final "After reformat
-layers: N layers" (engine layers after fusion), else the parsed network's layer count. Sparse-weight lines are read from the log:
+engine can be deserialized here (a supported GPU), else the engine layer list the VERBOSE builder
+log prints after "Layers:" (works ahead-of-time on CPU), else the parsed network's layer count. Sparse-weight lines are read from the log:
 TensorRT prints "(Sparsity) Layers eligible for sparse math" / "picked sparse implementation" only
 in full-TensorRT builds on a GPU; TensorRT-RTX ahead-of-time builds print none (the engine is
 byte-identical with and without the flag), which the result says explicitly instead of guessing.
@@ -73,6 +73,8 @@ class EngineResult:
     layer_source: str
     plugin_layers: int
     network_layers: int
+    layer_types: dict[str, int]
+    factorized_gemm_layers: int
     precision: str
     sparse_weights: bool
     sparse_log_lines: list[str]
@@ -230,9 +232,16 @@ def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,
     lock = Path(str(cache) + ".lock")
     if lock.exists():
         lock.unlink()
+    engine_layers = parse_engine_layers(log_text)
+    layer_types: dict[str, int] = {}
+    for lay in engine_layers:
+        layer_types[lay["type"]] = layer_types.get(lay["type"], 0) + 1
+    factored_gemms = sum(1 for lay in engine_layers if lay["type"] == "gemm" and "fd/" in lay["name"] + lay["metadata"])
     fused = re.findall(r"After reformat layers: (\d+) layers", log_text)
-    if fused:
-        layers, layer_source = int(fused[-1]), "builder log (engine layers after fusion)"
+    if engine_layers:
+        layers, layer_source = len(engine_layers), "engine layer list in the builder log"
+    elif fused:
+        layers, layer_source = int(fused[-1]), "builder log (layers after fusion)"
     else:
         layers, layer_source = n_layers, "parsed network (layers before builder fusion)"
     executed, reason, comparison = False, info.why_not_run, None
@@ -250,10 +259,35 @@ def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,
     return EngineResult(
         backend=info.flavor, trt_version=info.version, onnx_path=str(onnx_path), engine_path=str(engine_path),
         engine_bytes=os.path.getsize(engine_path), build_seconds=round(build_s, 3), parse_seconds=round(parse_s, 3),
-        layers=layers, layer_source=layer_source, plugin_layers=n_plugins, network_layers=n_layers, precision=cfg.precision,
+        layers=layers, layer_source=layer_source, plugin_layers=n_plugins, network_layers=n_layers,
+        layer_types=layer_types, factorized_gemm_layers=factored_gemms, precision=cfg.precision,
         sparse_weights=cfg.sparse_weights, sparse_log_lines=sparse_lines, sparse_note=sparse_note,
         log_path=str(log_path), timing_cache=str(cache), profile=shapes, executed=executed, reason=reason,
         comparison=comparison)
+
+
+_LAYER_LINE = re.compile(r"^\s+Name: (?P<name>.*?), LayerType: (?P<type>[A-Za-z_0-9]+),(?P<rest>.*)$")
+
+
+def parse_engine_layers(log_text: str) -> list[dict[str, str]]:
+    """The engine's layers as the VERBOSE builder log lists them after "Layers:" (name, type, metadata).
+
+    With TensorRT-RTX the whole transformer becomes one Myelin ForeignNode; this list is its kernels
+    (gemm, kgen fusions, runtime fusions, stream signal/wait)."""
+    out = []
+    in_block = False
+    for ln in log_text.splitlines():
+        if ln.rstrip().endswith("] Layers:"):
+            in_block, out = True, []
+            continue
+        if in_block:
+            m = _LAYER_LINE.match(ln)
+            if not m:
+                in_block = False
+                continue
+            meta = m.group("rest").split("Metadata:", 1)[-1].strip()
+            out.append({"name": m.group("name"), "type": m.group("type"), "metadata": meta})
+    return out
 
 
 def _inspect_layers(trt: Any, ptrt: Any, engine_path: Path) -> tuple[int, str]:
