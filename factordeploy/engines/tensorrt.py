@@ -80,7 +80,7 @@ class EngineResult:
     sparse_log_lines: list[str]
     sparse_note: str
     log_path: str
-    timing_cache: str
+    timing_cache: str  # "" for TensorRT-RTX (timing caches are no-ops there)
     profile: dict[str, dict[str, list[int]]]
     executed: bool
     reason: str
@@ -177,7 +177,10 @@ def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,
     out_dir.mkdir(parents=True, exist_ok=True)
     engine_path = out_dir / cfg.engine_name
     log_path = out_dir / cfg.log_name
-    cache = Path(cfg.timing_cache) if cfg.timing_cache else out_dir / "timing.cache"
+    # TensorRT-RTX 1.2+: "Timing cache operations are no-ops" (its own deprecation warning): only full TensorRT gets one
+    cache: Path | None = None
+    if info.flavor != RTX:
+        cache = Path(cfg.timing_cache) if cfg.timing_cache else out_dir / "timing.cache"
 
     n_layers, n_plugins, parse_s = check_parsable(onnx_path, info)
     ptrt = polygraphy_trt(info)
@@ -197,9 +200,9 @@ def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,
             for name, s in shapes.items():
                 profile.add(name, min=s["min"], opt=s["opt"], max=s["max"])
             config = ptrt.CreateConfig(profiles=[profile], sparse_weights=cfg.sparse_weights or None,
-                                       load_timing_cache=str(cache) if cache.exists() else None)
+                                       load_timing_cache=str(cache) if cache and cache.exists() else None)
             engine_bytes = ptrt.EngineBytesFromNetwork((builder, network, parser), config=config,
-                                                       save_timing_cache=str(cache))()
+                                                       save_timing_cache=str(cache) if cache else None)()
             SaveBytes(engine_bytes, path=str(engine_path))()
     except UserError:
         raise
@@ -229,8 +232,8 @@ def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,
     else:
         sparse_note = "builder log has no sparsity lines: no layer was eligible or none was picked"
 
-    lock = Path(str(cache) + ".lock")
-    if lock.exists():
+    lock = Path(str(cache) + ".lock") if cache else None
+    if lock is not None and lock.exists():
         lock.unlink()
     engine_layers = parse_engine_layers(log_text)
     layer_types: dict[str, int] = {}
@@ -262,7 +265,7 @@ def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,
         layers=layers, layer_source=layer_source, plugin_layers=n_plugins, network_layers=n_layers,
         layer_types=layer_types, factorized_gemm_layers=factored_gemms, precision=cfg.precision,
         sparse_weights=cfg.sparse_weights, sparse_log_lines=sparse_lines, sparse_note=sparse_note,
-        log_path=str(log_path), timing_cache=str(cache), profile=shapes, executed=executed, reason=reason,
+        log_path=str(log_path), timing_cache=str(cache) if cache else "", profile=shapes, executed=executed, reason=reason,
         comparison=comparison)
 
 

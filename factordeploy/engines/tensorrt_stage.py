@@ -52,9 +52,11 @@ def engine_stage(cfg: Any, loaded: Any, raw_path: Path, model_path: Path, layers
         res = build_engine(trt_onnx, bcfg, info, feeds=feeds, ort_model=model_path)
     d = res.as_dict()
     for k in ("onnx_path", "engine_path", "log_path", "timing_cache"):
-        d[k] = Path(d[k]).name
+        d[k] = Path(d[k]).name if d[k] else ""
     report.update(d)
     log(f"engine: {res.engine_bytes / 1e6:.2f} MB, {res.layers} layers ({res.layer_source}), built in "
         f"{res.build_seconds:.1f} s; executed: {res.executed} ({res.reason})")
-    return report, {"trt_onnx": trt_onnx, "engine": Path(res.engine_path), "trt_log": Path(res.log_path),
-                    "timing_cache": Path(res.timing_cache)}
+    artifacts = {"trt_onnx": trt_onnx, "engine": Path(res.engine_path), "trt_log": Path(res.log_path)}
+    if res.timing_cache:
+        artifacts["timing_cache"] = Path(res.timing_cache)
+    return report, artifacts
