@@ -283,3 +283,25 @@ def test_sparse_weights_flag_reported_honestly(rtx, tmp_path):
     assert "SPARSE_WEIGHTS" in log  # the flag reached the builder config
     if not res.sparse_log_lines:
         assert "RTX" in res.sparse_note or "no sparsity" in res.sparse_note
+
+
+@needs_rtx
+def test_rtx_has_no_qdp_so_ops_use_ipluginv3_creators(rtx):
+    from factordeploy.plugins import get_op
+    from factordeploy.plugins.qdp import qdp_module, register_qdp
+
+    assert qdp_module(rtx.module) is None and not rtx.has_qdp
+    assert register_qdp(rtx.module, get_op("ScaledMatMul")) is False
+    creator = rtx.module.get_plugin_registry().get_creator("ScaledMatMul", "1", "factordeploy")
+    assert creator is not None and [f.name for f in creator.field_names] == ["alpha", "relu"]
+
+
+def test_type_rules_of_spec():
+    from factordeploy.plugins import get_op
+
+    spec = get_op("ScaledMatMul")
+    assert spec.resolve_types(["float16", "float16"]) == ["float16"]
+    assert spec.accepts(0, "bfloat16", []) and not spec.accepts(0, "int32", [])
+    assert not spec.accepts(1, "float32", ["float16"])  # x and w share the type variable
+    assert spec.accepts(2, "float16", ["float16", "float16"]) and not spec.accepts(2, "float32", ["float16", "float16"])
+    assert spec.attr_values({"alpha": np.array([2.0], np.float32), "relu": np.array([1], np.int32)}) == {"alpha": 2.0, "relu": 1}

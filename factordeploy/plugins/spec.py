@@ -85,6 +85,21 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+@dataclass
+class AotKernel:
+    """What a QDP `aot_impl` returns, before packing: a Triton kernel compiled for the engine.
+
+    signature/constants go to triton.compiler.ASTSource; grid is a tuple of trtp symbolic
+    expressions; extra_args are the int32 scalar arguments (trtp.SymInt32) after the tensor pointers.
+    """
+
+    kernel: Any
+    signature: Any
+    constants: dict[str, Any]
+    grid: tuple[Any, ...]
+    extra_args: list[Any]
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """Everything the framework needs to turn a custom-domain ONNX node into a plugin layer.
@@ -101,6 +116,9 @@ class OpSpec:
       node.inputs (used for ONNX Runtime and as the ONNX local function).
     - launch(inputs, outputs, attrs) -> Launch: the Triton launch for torch tensors already on the
       GPU; `enqueue` calls it on TensorRT's stream, benchmarks/gpu calls it directly.
+    - aot (optional): (input TensorDescs, output TensorDescs, attrs, trtp) -> AotKernel, for full
+      TensorRT's Quickly Deployable Plugins: the Triton kernel compiled to PTX and embedded in the
+      engine, so the engine runs without Python (see plugins/qdp.py).
     """
 
     name: str
@@ -114,6 +132,7 @@ class OpSpec:
     decompose: Callable[..., list]
     launch: Callable[[list, list, dict], Launch]
     float_types: tuple[str, ...] = FLOAT_TYPES
+    aot: Callable[..., "AotKernel"] | None = None  # optional: full TensorRT QDP ahead-of-time path (plugins/qdp.py)
     version: str = "1"
     namespace: str = "factordeploy"
     domain: str = "factordeploy"

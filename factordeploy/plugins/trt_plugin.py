@@ -242,7 +242,11 @@ def register_all(trt: Any, specs: list[OpSpec]) -> list[str]:
     done = _REGISTERED[trt.__name__]
     registry = trt.get_plugin_registry()
     names = []
+    from .qdp import register_qdp
+
     for spec in specs:
+        if spec.name not in done and register_qdp(trt, spec):  # full TensorRT with tensorrt.plugin + spec.aot
+            done[spec.name] = "qdp-aot"
         if spec.name not in done:
             _, Creator = plugin_classes(trt, spec)
             creator = Creator()

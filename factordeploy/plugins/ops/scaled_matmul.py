@@ -84,5 +84,41 @@ SPEC = register_op(OpSpec(
     reference=reference,
     decompose=decompose,
     launch=launch,
+    aot=lambda *a: aot(*a),
     doc=__doc__ or "",
 ))
+
+
+def aot(inputs: list, outputs: list, attrs: dict, trtp) -> "AotKernel":
+    """Full TensorRT QDP: the same kernel compiled ahead of time (alpha/relu baked in as constants).
+
+    Argument order QDP uses: input pointers, output pointers, then extra int32 args. Written, not run
+    (no full TensorRT on the development machine)."""
+    from ..kernels import scaled_matmul as k
+    from ..spec import AotKernel
+
+    x, w = inputs
+    y = outputs[0]
+    xs, ws = x.shape_expr, w.shape_expr
+    m = xs[0]
+    for i in range(1, x.ndim - 1):
+        m = m * xs[i]
+    kdim, n = ws[0], ws[1]
+    ty = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[_dtype_name(x.dtype)]
+    # kernel(x, w, y, M, N, K, sxm, sxk, swk, swn, sym, syn, alpha, RELU, IEEE, BLOCK_*): strides of contiguous
+    # row-major [M, K], [K, N], [M, N] are (K, 1), (N, 1), (N, 1)
+    signature = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": f"*{ty}", "M": "i32", "N": "i32", "K": "i32",
+                 "stride_xm": "i32", "stride_xk": "i32", "stride_wk": "i32", "stride_wn": "i32",
+                 "stride_ym": "i32", "stride_yn": "i32", "alpha": "constexpr", "RELU": "constexpr",
+                 "IEEE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    constants = {"alpha": float(attrs["alpha"]), "RELU": int(bool(attrs["relu"])), "IEEE": int(ty == "fp32"),
+                 "BLOCK_M": k.BLOCK_M, "BLOCK_N": k.BLOCK_N, "BLOCK_K": k.BLOCK_K}
+    extra = [trtp.SymInt32(e) for e in (m, n, kdim, kdim, 1, n, 1, n, 1)]
+    return AotKernel(k.scaled_matmul_kernel, signature, constants,
+                     (trtp.cdiv(m, k.BLOCK_M), trtp.cdiv(n, k.BLOCK_N)), extra)
+
+
+def _dtype_name(t) -> str:
+    from ..trt_plugin import trt_type_name
+
+    return trt_type_name(t)
