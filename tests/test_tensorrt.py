@@ -287,8 +287,10 @@ def test_sparse_weights_flag_reported_honestly(rtx, tmp_path):
 
 @needs_rtx
 def test_rtx_has_no_qdp_so_ops_use_ipluginv3_creators(rtx):
-    from factordeploy.plugins import get_op
+    from factordeploy.plugins import get_op, register_with_tensorrt
     from factordeploy.plugins.qdp import qdp_module, register_qdp
+
+    assert "factordeploy::ScaledMatMul v1" in register_with_tensorrt(rtx.module)
 
     assert qdp_module(rtx.module) is None and not rtx.has_qdp
     assert register_qdp(rtx.module, get_op("ScaledMatMul")) is False
