@@ -14,22 +14,33 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..plugins import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, get_op, is_plugin_node
-from .pipeline import Pass, PassContext, graph_pass
+from .pipeline import Pass, PassContext
 
 
-@graph_pass("mark-plugin-nodes", "give plugin nodes plugin_namespace/plugin_version for the TensorRT parser")
-def mark_plugin_nodes(graph: gs.Graph, ctx: PassContext) -> None:
-    marked = []
-    for n in graph.nodes:
-        if is_plugin_node(n.op, n.domain or ""):
-            spec = get_op(n.op)
-            n.attrs["plugin_namespace"] = spec.namespace if spec else PLUGIN_NAMESPACE
-            n.attrs["plugin_version"] = spec.version if spec else PLUGIN_VERSION
-            marked.append(n.name)
-    ctx.note("mark-plugin-nodes", plugin_nodes=len(marked))
+def _mark(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    marked = 0
+    for n in model.graph.node:
+        if not is_plugin_node(n.op_type, n.domain):
+            continue
+        spec = get_op(n.op_type)
+        want = {"plugin_namespace": spec.namespace if spec else PLUGIN_NAMESPACE,
+                "plugin_version": spec.version if spec else PLUGIN_VERSION}
+        keep = [a for a in n.attribute if a.name not in want]
+        del n.attribute[:]
+        n.attribute.extend(keep + [onnx.helper.make_attribute(k, v) for k, v in want.items()])
+        marked += 1
+    ctx.note("mark-plugin-nodes", plugin_nodes=marked)
+    return model
+
+
+mark_plugin_nodes = Pass("mark-plugin-nodes", _mark,
+                         "give plugin nodes plugin_namespace/plugin_version for the TensorRT parser")
 
 
 def _decompose(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    if not any(is_plugin_node(n.op_type, n.domain) for n in model.graph.node):
+        ctx.note("decompose-plugin-nodes", decomposed=0)
+        return model  # untouched: graphs without plugin nodes skip the graphsurgeon round trip
     graph = gs.import_onnx(model)
     count = 0
     for n in list(graph.nodes):

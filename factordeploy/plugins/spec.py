@@ -81,8 +81,10 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 2
 
-    def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+    def __call__(self) -> Any:
+        """Launch; returns Triton's compiled-kernel handle (name, num_warps, shared memory) where it gives one."""
+        return self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                                      num_stages=self.num_stages)
 
 
 @dataclass
@@ -119,6 +121,8 @@ class OpSpec:
     - aot (optional): (input TensorDescs, output TensorDescs, attrs, trtp) -> AotKernel, for full
       TensorRT's Quickly Deployable Plugins: the Triton kernel compiled to PTX and embedded in the
       engine, so the engine runs without Python (see plugins/qdp.py).
+    - example (optional): (scale: int, dtype: torch.dtype, device: str) -> (input tensors, attrs);
+      benchmarks/gpu/plugin_contract.py uses it to launch the kernel exactly as enqueue does.
     """
 
     name: str
@@ -133,6 +137,7 @@ class OpSpec:
     launch: Callable[[list, list, dict], Launch]
     float_types: tuple[str, ...] = FLOAT_TYPES
     aot: Callable[..., "AotKernel"] | None = None  # optional: full TensorRT QDP ahead-of-time path (plugins/qdp.py)
+    example: Callable[..., tuple[list, dict]] | None = None  # optional: (shape_scale, dtype, device) -> (inputs, attrs)
     version: str = "1"
     namespace: str = "factordeploy"
     domain: str = "factordeploy"

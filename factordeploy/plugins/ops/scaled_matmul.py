@@ -71,6 +71,16 @@ def launch(inputs: list, outputs: list, attrs: dict) -> Launch:
                   num_warps=k.NUM_WARPS, num_stages=k.NUM_STAGES)
 
 
+def example(scale: int, dtype, device: str) -> tuple[list, dict]:
+    """Inputs at a transformer-like shape: x [8, 16*scale, 384], w [384, 1536] (MiniLM FFN up-projection)."""
+    import torch
+
+    g = torch.Generator().manual_seed(scale)
+    x = torch.randn(8, 16 * scale, 384, generator=g).to(dtype=dtype, device=device)
+    w = (torch.randn(384, 1536, generator=g) / 20).to(dtype=dtype, device=device)
+    return [x, w], {"alpha": 0.5, "relu": 1}
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -85,6 +95,7 @@ SPEC = register_op(OpSpec(
     decompose=decompose,
     launch=launch,
     aot=lambda *a: aot(*a),
+    example=lambda scale, dtype, device: example(scale, dtype, device),
     doc=__doc__ or "",
 ))
 
