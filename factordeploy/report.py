@@ -83,7 +83,8 @@ def render_engine(e: dict | None) -> list[str]:
         return []
     lines = ["", "## Engine backend", f"Backend: **{e['backend']}** (requested `{e['requested']}`): {e['reason']}.  "]
     if e["backend"] == "ort":
-        lines.append("No TensorRT engine was built; `model.onnx` (ONNX Runtime) is the deployable artifact.")
+        lines.append("No TensorRT engine was built; `model.onnx` (ONNX Runtime) is the deployable artifact."
+                     + (f" Note: {e['note']}." if e.get("note") else ""))
         return lines
     t = e.get("tensorrt", {})
     lines += [
@@ -100,6 +101,7 @@ def render_engine(e: dict | None) -> list[str]:
         f"| gemm layers of factorized layers (named fd/...) | {e.get('factorized_gemm_layers', 0)} |",
         f"| network layers after parsing / plugin layers | {e['network_layers']} / {e['plugin_layers']} |",
         f"| builder log | `{e['log_path']}` |",
+        f"| timing cache | {('`' + e['timing_cache'] + '`') if e.get('timing_cache') else 'none (no-op in TensorRT-RTX)'} |",
         "",
         "Profile (min / opt / max): " + "; ".join(f"`{k}` {v['min']} / {v['opt']} / {v['max']}"
                                                  for k, v in e.get("profile", {}).items()) + ".  ",

@@ -29,6 +29,8 @@ def engine_stage(cfg: Any, loaded: Any, raw_path: Path, model_path: Path, layers
     log(f"backend: {choice.backend} ({choice.reason})")
     if choice.backend == "ort":
         report["executed"] = False
+        if cfg.precision != "fp32" or cfg.sparse_weights:
+            report["note"] = "--precision/--sparse-weights apply to TensorRT engines only; none was built"
         return report, {}
     info = choice.info
     assert info is not None
