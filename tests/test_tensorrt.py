@@ -307,3 +307,21 @@ def test_type_rules_of_spec():
     assert not spec.accepts(1, "float32", ["float16"])  # x and w share the type variable
     assert spec.accepts(2, "float16", ["float16", "float16"]) and not spec.accepts(2, "float32", ["float16", "float16"])
     assert spec.attr_values({"alpha": np.array([2.0], np.float32), "relu": np.array([1], np.int32)}) == {"alpha": 2.0, "relu": 1}
+
+
+def test_ort_backend_stage_and_report_section(tmp_path):
+    from factordeploy.build import BuildConfig, check_engine_config
+    from factordeploy.engines.tensorrt_stage import engine_stage
+    from factordeploy.report import render_engine
+
+    cfg = BuildConfig(backend="ort")
+    report, artifacts = engine_stage(cfg, None, tmp_path / "raw.onnx", tmp_path / "model.onnx", {}, tmp_path, {})
+    assert report["backend"] == "ort" and artifacts == {} and report["executed"] is False
+    md = "\n".join(render_engine(report))
+    assert "## Engine backend" in md and "**ort**" in md and "model.onnx" in md
+    with pytest.raises(UserError, match="apply to TensorRT engines"):
+        check_engine_config(BuildConfig(backend="ort", precision="fp16"))
+    with pytest.raises(UserError, match="min:opt:max"):
+        check_engine_config(BuildConfig(backend="ort", trt_batch="8"))
+    with pytest.raises(UserError, match="min <= opt <= max"):
+        check_engine_config(BuildConfig(backend="ort", trt_seq="1:512:128"))
