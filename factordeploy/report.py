@@ -108,6 +108,11 @@ def render_engine(e: dict | None) -> list[str]:
         f"Sparse weights: {len(e['sparse_log_lines'])} sparsity line(s) in the log - {e['sparse_note']}.  ",
         f"Executed: **{'yes' if e['executed'] else 'no'}** - {e['reason']}.",
     ]
+    g = e.get("trt_graph_on_ort")
+    if g:
+        lines.append(f"fp16 TensorRT graph run by ONNX Runtime vs model.onnx ({g['inputs']} real-text inputs; checks the "
+                     f"precision pass, not TensorRT): max abs {g['max_abs']:.3g}, mean abs {g['mean_abs']:.3g} "
+                     f"(outputs up to {g['reference_max_abs']:.3g}).")
     c = e.get("comparison")
     if c:
         lines.append(f"TensorRT vs ONNX Runtime (polygraphy): **{'PASSED' if c['passed'] else 'FAILED'}** "

@@ -90,3 +90,12 @@ def test_lowrank_fp16_engine_halves_weights(svd_build, tmp_path):
                        batch=Range3(1, 2, 4), seq=Range3(1, 32, 128)), tm.resolve("trt-rtx"))
     fp32_bytes = report["engine"]["engine_bytes"]
     assert 0.4 * fp32_bytes < r16.engine_bytes < 0.6 * fp32_bytes
+
+    # the fp16 graph TensorRT was given, run by ONNX Runtime against the fp32 model.onnx (padded row included)
+    from factordeploy.engines.ort import random_feeds
+    from factordeploy.engines.tensorrt_stage import graph_on_ort
+
+    feeds = random_feeds(["input_ids", "attention_mask", "token_type_ids"], 2, 24, 30000)
+    feeds["attention_mask"][1, 15:] = 0
+    g = graph_on_ort(tmp_path / "fp16.trt.onnx", out / "model.onnx", [feeds])
+    assert not g["nan"] and g["max_abs"] < 0.05 * g["reference_max_abs"] and g["mean_abs"] < 5e-3

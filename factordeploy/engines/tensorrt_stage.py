@@ -52,6 +52,9 @@ def engine_stage(cfg: Any, loaded: Any, raw_path: Path, model_path: Path, layers
                           seq=Range3.parse(cfg.trt_seq, "seq"))
     with stage(f"engine build ({info.label})", timings):
         res = build_engine(trt_onnx, bcfg, info, feeds=feeds, ort_model=model_path)
+    if not res.executed and cfg.precision == "fp16" and res.plugin_layers == 0:
+        with stage("check the fp16 TensorRT graph on ONNX Runtime", timings):
+            report["trt_graph_on_ort"] = graph_on_ort(trt_onnx, model_path, feeds or _feeds(loaded))
     d = res.as_dict()
     for k in ("onnx_path", "engine_path", "log_path", "timing_cache"):
         d[k] = Path(d[k]).name if d[k] else ""
@@ -62,3 +65,29 @@ def engine_stage(cfg: Any, loaded: Any, raw_path: Path, model_path: Path, layers
     if res.timing_cache:
         artifacts["timing_cache"] = Path(res.timing_cache)
     return report, artifacts
+
+
+def _feeds(loaded: Any) -> list[dict]:
+    from ..build import fidelity_feeds
+
+    return fidelity_feeds(loaded)
+
+
+def graph_on_ort(trt_onnx: Path, model_path: Path, feeds: list[dict]) -> dict[str, Any]:
+    """Where the engine cannot run: the reduced-precision graph TensorRT was given, run by ONNX Runtime
+    (CPU) on the build's real-text inputs, against model.onnx (fp32). Checks the precision pass, not
+    TensorRT's kernels. bf16 is skipped: ORT's CPU provider has no bf16 kernels for these ops."""
+    import numpy as np
+
+    from . import ort as ortmod
+
+    low, ref = ortmod.session(trt_onnx), ortmod.session(model_path)
+    max_abs, mean_abs, ref_max = 0.0, [], 0.0
+    for f in feeds:
+        a, b = ref.run(None, f)[0], low.run(None, f)[0]
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        max_abs = max(max_abs, float(diff.max()))
+        mean_abs.append(float(diff.mean()))
+        ref_max = max(ref_max, float(np.abs(a).max()))
+    return {"max_abs": round(max_abs, 6), "mean_abs": round(float(np.mean(mean_abs)), 7),
+            "reference_max_abs": round(ref_max, 4), "nan": bool(max_abs != max_abs), "inputs": len(feeds)}
