@@ -20,8 +20,14 @@ How an op registers itself
            launch=my_launch,                         # (inputs, outputs, attrs) -> Launch (Triton)
        ))
 
+   Optional fields: `aot` (full-TensorRT Quickly Deployable Plugin kernel, plugins/qdp.py) and
+   `example` (inputs for benchmarks/gpu/plugin_contract.py). Put the op's Triton kernel in
+   plugins/kernels/<op>.py and import it lazily inside `launch` (so TRITON_INTERPRET=1 set by tests
+   before that import takes effect); use one fixed kernel config, no multi-config autotune.
 3. Emit the node in the exported graph with domain "factordeploy" (`plugins.export.emit`
    wraps torch.onnx.ops.symbolic). The ONNX node's op_type must equal `name`.
+4. Tests to copy: tests/test_tensorrt.py::test_engine_with_plugin_node_uses_build_time_methods
+   (builds an engine with the node on CPU and compares what TensorRT configured with `reference`).
 
 What the framework then does for every registered op
 ----------------------------------------------------
