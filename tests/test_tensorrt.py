@@ -177,6 +177,8 @@ def test_engine_with_plugin_node_uses_build_time_methods(rtx, tmp_path, np_dtype
     assert [d["type"] for d in conf["inputs"] + conf["outputs"]] == [name] * 3
     assert seen["output_types"] == [str(ref.dtype).replace("torch.", "")]
     assert not res.executed and res.reason
+    blob = Path(res.engine_path).read_bytes()  # plugin identity and serialized fields travel in the engine
+    assert all(blob.count(t) >= 1 for t in (b"ScaledMatMul", b"factordeploy", b"alpha", b"relu"))
 
 
 @needs_rtx
@@ -325,3 +327,14 @@ def test_ort_backend_stage_and_report_section(tmp_path):
         check_engine_config(BuildConfig(backend="ort", trt_batch="8"))
     with pytest.raises(UserError, match="min <= opt <= max"):
         check_engine_config(BuildConfig(backend="ort", trt_seq="1:512:128"))
+
+
+def test_cli_rejects_engine_flags_with_ort_backend(tmp_path):
+    from click.testing import CliRunner
+
+    from factordeploy.cli import main
+
+    res = CliRunner().invoke(main, ["build", "--backend", "ort", "--precision", "fp16", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "apply to TensorRT engines" in res.output
+    res = CliRunner().invoke(main, ["build", "--backend", "ort", "--batch", "4:2:8", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--batch" in res.output
