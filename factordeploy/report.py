@@ -56,10 +56,10 @@ def render_markdown(r: dict) -> str:
         lines.append("")
     lat = r["latency"]
     lines += [f"## Latency ({lat['engine']}, {', '.join(lat['providers'])}; median of runs)",
-              "| batch x seq | original ms | compressed ms | speedup |", "|---|---:|---:|---:|"]
+              "| batch x seq | original ms | compressed ms | speedup | runs |", "|---|---:|---:|---:|---:|"]
     for p in lat["points"]:
         o = p.get("original", {}).get("median_ms", float("nan"))
-        lines.append(f"| {p['batch']} x {p['seq']} | {o:.2f} | {p['compressed']['median_ms']:.2f} | {p.get('speedup', float('nan')):.2f}x |")
+        lines.append(f"| {p['batch']} x {p['seq']} | {o:.2f} | {p['compressed']['median_ms']:.2f} | {p.get('speedup', float('nan')):.2f}x | {p['compressed']['runs']} |")
     lines += render_engine(r.get("engine"))
     lines += ["", "## Layers", "| layer | before | after | bytes before | bytes after |", "|---|---|---|---:|---:|"]
     for lay in r["layers"]:
