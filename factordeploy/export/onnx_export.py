@@ -54,8 +54,13 @@ class ExportResult:
 
 
 def export_onnx(loaded: LoadedModel, model: nn.Module, path: str | Path, opset: int = OPSET,
-                batch: int = 2, seq: int = 16) -> ExportResult:
-    """Export `model` (the loaded model or a compressed copy) to `path` and validate it."""
+                batch: int = 2, seq: int = 16, optimize: bool = False) -> ExportResult:
+    """Export `model` (the loaded model or a compressed copy) to `path` and validate it.
+
+    The exporter's own onnxscript optimizer is off by default: on a 30-layer decoder it
+    costs as much as the translation itself, and our pass pipeline (passes/) folds
+    constants anyway, with the guarantee that factorized layers are never refolded.
+    """
     path = Path(path)
     wrapper = ExportWrapper(loaded, model).eval()
     device = next(model.parameters()).device  # export where the model lives (cuda for big models)
@@ -73,7 +78,7 @@ def export_onnx(loaded: LoadedModel, model: nn.Module, path: str | Path, opset: 
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=list(loaded.input_names),
                                      output_names=[loaded.output_name], dynamic_shapes=dyn, opset_version=opset,
-                                     optimize=True, verbose=False)
+                                     optimize=optimize, verbose=False)
     except Exception as e:
         tail = (buf_err.getvalue() or buf_out.getvalue()).strip().splitlines()[-3:]
         raise UserError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} {' | '.join(tail)}",
@@ -112,7 +117,7 @@ def _source_key(loaded: LoadedModel, opset: int) -> str:
     """Identity of an unmodified model's export: its files (name, size, mtime), torch and opset."""
     import hashlib
 
-    h = hashlib.sha256(f"{loaded.name}|{torch.__version__}|{onnx.__version__}|{opset}".encode())
+    h = hashlib.sha256(f"{loaded.name}|{torch.__version__}|{onnx.__version__}|{opset}|noopt".encode())
     src = Path(loaded.source)
     for f in sorted(src.rglob("*")) if src.is_dir() else []:
         if f.is_file():
