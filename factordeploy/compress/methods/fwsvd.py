@@ -15,7 +15,7 @@ from torch import nn
 
 from ..base import CompressContext, CompressResult, register
 from ..fisher import fisher_diagonal, row_importance
-from ..linalg import Factors, row_weighted_svd, svd
+from ..linalg import Factors, row_weighted_svd, singular_values
 from ..objective import TaskObjective
 from .svd import ALLOCATION, LowRankMethod, error_metrics
 
@@ -37,7 +37,7 @@ class FWSVDMethod(LowRankMethod):
 
     def spectrum(self, name: str, W: torch.Tensor) -> torch.Tensor:
         d = self.importance[name].sqrt()
-        return svd(d[:, None] * W.to(torch.float64))[1]
+        return singular_values(d[:, None] * W.to(torch.float64))
 
     def factor(self, name: str, W: torch.Tensor, rank: int) -> Factors:
         return row_weighted_svd(W, self.importance[name], rank)

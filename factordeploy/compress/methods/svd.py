@@ -10,7 +10,7 @@ from ...errors import UserError
 from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
 from ..budget import allocate_by_threshold, uniform_rank
 from ..layers import LowRankLinear
-from ..linalg import Factors, output_error, svd, truncated_svd
+from ..linalg import Factors, output_error, singular_values, truncated_svd
 from ...progress import track
 
 ALLOCATION = MethodOption("allocation", click.Choice(["uniform", "welore"]), "uniform",
@@ -30,7 +30,7 @@ class LowRankMethod(Method):
         """Hook for data collection before any layer changes (calibration statistics etc.)."""
 
     def spectrum(self, name: str, W: torch.Tensor) -> torch.Tensor:
-        return svd(W)[1]
+        return singular_values(W)
 
     def factor(self, name: str, W: torch.Tensor, rank: int) -> Factors:
         return truncated_svd(W, rank)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..base import CompressContext, register
-from ..linalg import Factors, gram_factor, svd, whitened_svd
+from ..linalg import Factors, gram_factor, singular_values, whitened_svd
 from .svd import ALLOCATION, LowRankMethod, error_metrics
 
 
@@ -34,7 +34,7 @@ class SVDWhitenMethod(LowRankMethod):
         return self._chol[id(G)]
 
     def spectrum(self, name: str, W: torch.Tensor) -> torch.Tensor:
-        return svd(W.to(torch.float64) @ self.chol(name))[1]
+        return singular_values(W.to(torch.float64) @ self.chol(name))
 
     def factor(self, name: str, W: torch.Tensor, rank: int) -> Factors:
         return whitened_svd(W, self.chol(name), rank)
