@@ -45,12 +45,13 @@ def _fmt(x: float, nd: int) -> str:
 def cell(kind: str, q: dict) -> str:
     if kind == "decoder":
         return _fmt(q["perplexity"], 2)
-    return f"{_fmt(q['embedding_cosine_mean'], 4)} / {_fmt(q['polarity_accuracy'], 3)}"
+    return f"{_fmt(q['embedding_cosine_mean'], 3)} / {_fmt(q['polarity_cosine_mean'], 3)} / {_fmt(q['polarity_accuracy'], 3)}"
 
 
 def markdown(model: str, kind: str, reference: dict, rows: list[dict], ratios: list[float]) -> str:
-    metric = "perplexity (lower is better)" if kind == "decoder" else "embedding cosine vs original / polarity accuracy"
-    ref = _fmt(reference["perplexity"], 2) if kind == "decoder" else f"1.0000 / {_fmt(reference['polarity_accuracy'], 3)}"
+    metric = ("perplexity (lower is better)" if kind == "decoder" else
+              "mean cosine vs original on Wikipedia eval sentences / on polarity sentences / polarity accuracy")
+    ref = _fmt(reference["perplexity"], 2) if kind == "decoder" else f"1 / 1 / {_fmt(reference['polarity_accuracy'], 3)}"
     out = [f"### {model}: {metric}; original {ref}", "",
            "| variant | " + " | ".join(f"ratio {r}" for r in ratios) + " |",
            "|---|" + "---:|" * len(ratios)]
@@ -64,6 +65,12 @@ def markdown(model: str, kind: str, reference: dict, rows: list[dict], ratios: l
     return "\n".join(out)
 
 
+def render_json(path: Path) -> str:
+    """Re-render the markdown table of a results JSON (e.g. after a partial run)."""
+    doc = json.loads(Path(path).read_text())
+    return markdown(doc["model"], doc["kind"], doc["reference"], doc["rows"], doc["ratios"])
+
+
 @click.command()
 @click.option("--models", default="minilm,smollm2", show_default=True)
 @click.option("--ratios", default="0.2,0.35,0.5", show_default=True)
@@ -73,9 +80,15 @@ def markdown(model: str, kind: str, reference: dict, rows: list[dict], ratios: l
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--finetune-steps", type=int, default=None, help="override the steps of finetune variants")
 @click.option("--out", default=None, help="JSON path, {model} is replaced [default: benchmarks/results/compare_methods-{model}.json]")
+@click.option("--render", "render", multiple=True, type=click.Path(exists=True),
+              help="only print the table of existing results JSON file(s)")
 @click.option("--quiet", is_flag=True)
-def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, quiet) -> None:
+def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, render, quiet) -> None:
     set_quiet(quiet)
+    if render:
+        for p in render:
+            click.echo(render_json(Path(p)) + "\n")
+        return
     ratio_list = [float(r) for r in ratios.split(",")]
     chosen = [v for v in VARIANTS if variants is None or v[0] in {s.strip() for s in variants.split(",")}]
     if finetune_steps is not None:
