@@ -46,3 +46,18 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).eval().save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real MiniLM, loaded once. Tests must NOT compress it in place (load their own copy)."""
+    from factordeploy.models.registry import load_model
+
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="session")
+def minilm_calib(minilm):
+    from factordeploy.compress.calibration import Calibration, CalibrationConfig
+
+    return Calibration(minilm, CalibrationConfig(n=16, length=64, seed=0, batch_size=8))
