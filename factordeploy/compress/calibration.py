@@ -10,6 +10,7 @@ Layers that read the same tensor (q/k/v, gate/up) share one Gram matrix.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+import weakref
 from typing import Iterator
 
 import torch
@@ -69,16 +70,22 @@ class Calibration:
     def _collect(self, model: nn.Module, names: list[str]) -> None:
         acc: dict[str, torch.Tensor] = {}
         alias: dict[str, str] = {}
-        seen_ptr: dict[int, str] = {}
+        seen_ptr: dict[int, tuple[str, weakref.ref]] = {}
         handles = []
 
         def hook_for(name: str):
             def hook(_mod, inputs, _out):
                 x = inputs[0]
-                key = seen_ptr.setdefault(id(x), name)
-                if key != name:
-                    alias[name] = key
-                    return
+                # id() alone is not an identity: a freed activation's id is reused by a later
+                # tensor in the same batch, which aliased layers of different widths. Keep a
+                # weak reference and alias only when it is still the very same tensor.
+                prev = seen_ptr.get(id(x))
+                if prev is not None and prev[1]() is x:
+                    if prev[0] != name:
+                        alias[name] = prev[0]
+                        return
+                else:
+                    seen_ptr[id(x)] = (name, weakref.ref(x))
                 x2 = x.reshape(-1, x.shape[-1]).float()
                 g = (x2.T @ x2).to(torch.float64)
                 if name in acc:
