@@ -40,7 +40,7 @@ from ...progress import log, track
 
 STF_STEPS = MethodOption("stf-steps", int, 200, "Straight-Through Factorizer steps (0 = per-layer SVD init only)")
 STF_LR = MethodOption("stf-lr", float, 1e-4, "STF Adam learning rate on the latent factors")
-STF_BATCH = MethodOption("stf-batch", int, 4, "calibration windows per STF step")
+STF_BATCH = MethodOption("stf-batch", int, 2, "calibration windows per STF step")
 STF_CKPT = MethodOption("stf-checkpoint", str, None, "folder for the resumable STF checkpoint (stf.pt)")
 STF_SAVE_EVERY = MethodOption("stf-save-every", int, 25, "STF checkpoint interval in steps")
 
@@ -52,7 +52,7 @@ def dsformer_bytes(out_f: int, in_f: int, k: int, elem: int = 4) -> int:
 def dsformer_rank(out_f: int, in_f: int, ratio: float, elem: int = 4) -> int:
     """Largest k (<= min(out, in)) with D + compressed-2:4 S within (1 - ratio) of the dense bytes."""
     budget = (1.0 - ratio) * out_f * in_f * elem
-    k = min(math.floor(budget / (out_f * elem + in_f * (elem / 2 + 0.25))), min(out_f, in_f))
+    k = min(math.floor(budget / (out_f * elem + in_f * (elem / 2 + 0.125))), min(out_f, in_f))
     while k > 0 and dsformer_bytes(out_f, in_f, k, elem) > budget:
         k -= 1
     return max(k, 0)
@@ -157,7 +157,7 @@ class DSFormerMethod(Method):
         # Teacher outputs from the ORIGINAL model, before any layer changes.
         batches, teacher = [], []
         if steps > 0:
-            bs = max(1, int(ctx.opt("stf_batch", 4)))
+            bs = max(1, int(ctx.opt("stf_batch", 2)))
             w = calib.windows()
             batches = [{k: v.to(ctx.device) for k, v in loaded.batch_from_ids(w[i:i + bs]).items()}
                        for i in range(0, len(w), bs)]
@@ -198,6 +198,7 @@ class DSFormerMethod(Method):
                  f"STF: {steps} joint steps" + (f", distillation loss {history[0]:.4g} -> {history[-1]:.4g}" if history else
                                                 " (task-unaware per-layer init only)")]
         return CompressResult(records, notes=notes, extra={"stf_steps": steps, "stf_loss_first_last": history[:1] + history[-1:],
+                                                            "stf_loss_curve": [round(h, 5) for h in history[::max(1, len(history) // 20)]],
                                                             "k": {n: ks[n] for n in todo}})
 
     def _train(self, model: nn.Module, loaded, stf: dict[str, STFLinear], batches: list[dict], teacher: list[torch.Tensor],
@@ -212,7 +213,7 @@ class DSFormerMethod(Method):
         ckpt_dir = ctx.opt("stf_checkpoint")
         path = Path(ckpt_dir) / "stf.pt" if ckpt_dir else None
         calib_cfg = ctx.calibration.config
-        signature = {"model": loaded.name, "ratio": ctx.ratio, "seed": ctx.seed, "lr": lr, "batch": ctx.opt("stf_batch", 4),
+        signature = {"model": loaded.name, "ratio": ctx.ratio, "seed": ctx.seed, "lr": lr, "batch": ctx.opt("stf_batch", 2),
                      "calib": [calib_cfg.n, calib_cfg.length, calib_cfg.seed, calib_cfg.text_file],
                      "k": {n: ks[n] for n in stf}}
         start, history = 0, []
