@@ -5,6 +5,7 @@ from __future__ import annotations
 from .annotate import name_factorized
 from .basic import fold_constants
 from .pipeline import Pass
+from .plugin_nodes import decompose_plugin_nodes, mark_plugin_nodes
 from .sparsity import verify_2to4
 
 
@@ -14,5 +15,16 @@ def common_pipeline() -> list[Pass]:
 
 
 def ort_pipeline() -> list[Pass]:
-    """Graph for ONNX Runtime: standard ops only."""
-    return common_pipeline()
+    """Graph for ONNX Runtime: standard ops only (plugin nodes replaced by their decompositions)."""
+    return [decompose_plugin_nodes] + common_pipeline()
+
+
+def trt_pipeline(precision: str = "fp32") -> list[Pass]:
+    """Graph for TensorRT / TensorRT-RTX: plugin nodes kept and marked for the parser; precision in the graph."""
+    passes = common_pipeline() + [mark_plugin_nodes]
+    if precision != "fp32":
+        from .precision import to_precision
+
+        passes.append(to_precision(precision))
+        passes.append(verify_2to4)  # the 2:4 pattern must also survive the precision cast
+    return passes
