@@ -25,7 +25,7 @@ from factordeploy.compress.calibration import Calibration, CalibrationConfig
 from factordeploy.compress.targets import find_targets
 from factordeploy.models.registry import load_model
 from factordeploy.progress import log
-from factordeploy.verify.quality import QualityProbe
+from factordeploy.verify.quality import EvalConfig, QualityProbe
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,10 +55,12 @@ def fmt(kind: str, q: dict) -> str:
 @click.option("--stf-lr", type=float, default=1e-4, show_default=True)
 @click.option("--calib", type=int, default=64, show_default=True)
 @click.option("--calib-len", type=int, default=128, show_default=True)
-def main(model: str, ratio: float, chosen: str | None, stf_steps: int, stf_lr: float, calib: int, calib_len: int) -> None:
+@click.option("--ppl-windows", type=int, default=12, show_default=True, help="decoders: 512-token evaluation windows")
+def main(model: str, ratio: float, chosen: str | None, stf_steps: int, stf_lr: float, calib: int, calib_len: int,
+         ppl_windows: int) -> None:
     loaded = load_model(model)
     original = loaded.model
-    probe = QualityProbe(loaded)
+    probe = QualityProbe(loaded, EvalConfig(ppl_windows=ppl_windows))
     ref = probe.capture_original(original)
     cal = Calibration(loaded, CalibrationConfig(n=calib, length=calib_len))
     targets = find_targets(original)
@@ -82,7 +84,8 @@ def main(model: str, ratio: float, chosen: str | None, stf_steps: int, stf_lr: f
     kind = loaded.kind
     head = "perplexity" if kind == "decoder" else "embedding cosine | polarity acc"
     lines = [f"### {model}: {head} (original: {fmt(kind, ref | {'embedding_cosine_mean': 1.0})}); "
-             f"calib {calib} x {calib_len}, STF {stf_steps} steps lr {stf_lr}", "",
+             f"calib {calib} x {calib_len}, STF {stf_steps} steps lr {stf_lr}"
+             + (f", perplexity over {ppl_windows} x 512 held-out tokens" if loaded.kind == "decoder" else ""), "",
              f"| variant | targeted bytes removed | {head} | compress s |", "|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['reduction'] * 100:.2f}% | {fmt(kind, r['quality'])} | {r['compress_s']} |")

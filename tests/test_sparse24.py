@@ -161,6 +161,11 @@ def test_mask_survives_pruning_stf_export_and_passes(minilm, tmp_path):
     ctx = PassContext(layers=layers)
     proto = run_pipeline(onnx.load(str(path)), ort_pipeline(), ctx)
     assert ctx.info["verify-2to4"]["layers_2to4"] == len(targets)
+    # ...and after the TensorRT pipeline's bf16 cast (fp16 behaves the same way).
+    from factordeploy.passes.presets import trt_pipeline
+    tctx = PassContext(layers=layers, target="trt")
+    run_pipeline(onnx.load(str(path)), trt_pipeline("bf16"), tctx)
+    assert tctx.info["verify-2to4"]["layers_2to4"] == len(targets)
 
     # The exported constant is W^T [in, out], 2:4 along axis 0 (K), exactly the torch weight.
     lay = model.get_submodule(first[0])

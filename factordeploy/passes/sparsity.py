@@ -92,7 +92,7 @@ def check_layer(index: GraphIndex, layer: str, desc: dict) -> str | None:
         kn = w.shape if axis == 0 else w.shape[::-1]
         if tuple(kn) != (K, N):
             continue
-        v = violations_24(torch.from_numpy(np.array(w)), dim=axis)
+        v = violations_24(torch.from_numpy((np.asarray(w) != 0).astype(np.float32)), dim=axis)  # any dtype (bf16 too)
         if v == 0:
             return None
         return f"{node}: {v} groups of 4 along K have more than 2 nonzeros" if v > 0 else f"{node}: K={K} not divisible by 4"
