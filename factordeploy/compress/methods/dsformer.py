@@ -58,8 +58,13 @@ def dsformer_rank(out_f: int, in_f: int, ratio: float, elem: int = 4) -> int:
     return max(k, 0)
 
 
-def refit_dense(W: torch.Tensor, S: torch.Tensor, G: torch.Tensor | None = None, ridge: float = 1e-8) -> torch.Tensor:
-    """argmin_D ||X (W - D S)^T||_F given S (G = X^T X; identity G = plain Frobenius)."""
+def refit_dense(W: torch.Tensor, S: torch.Tensor, G: torch.Tensor | None = None, ridge: float = 1e-4) -> torch.Tensor:
+    """argmin_D ||X (W - D S)^T||_F given S (G = X^T X; identity G = plain Frobenius).
+
+    A small ridge (relative to the mean diagonal of S G S^T) keeps D bounded when the calibration
+    has fewer tokens than dimensions: otherwise D interpolates the calibration outputs exactly
+    with huge entries, and the first STF step (which may flip a 2:4 choice) blows the loss up.
+    """
     W64, S64 = W.detach().to(torch.float64), S.detach().to(torch.float64)
     GS = S64.T if G is None else G.to(torch.float64) @ S64.T  # in x k
     M = S64 @ GS  # k x k
