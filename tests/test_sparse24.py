@@ -110,13 +110,15 @@ def test_sparsegpt_with_identity_hessian_is_magnitude_pruning():
 
 
 @pytest.fixture(scope="module")
-def minilm():
+def minilm_own():
+    """A MiniLM of this module's own (tests here replace its layers; never the session-wide one)."""
     from factordeploy.models.registry import load_model
     return load_model("minilm")
 
 
 @pytest.mark.slow
-def test_sparsegpt_beats_magnitude_on_real_layer(minilm):
+def test_sparsegpt_beats_magnitude_on_real_layer(minilm_own):
+    minilm = minilm_own
     from factordeploy.compress.calibration import Calibration, CalibrationConfig
 
     cal = Calibration(minilm, CalibrationConfig(n=16, length=128))
@@ -133,7 +135,7 @@ def test_sparsegpt_beats_magnitude_on_real_layer(minilm):
 
 
 @pytest.mark.slow
-def test_mask_survives_pruning_stf_export_and_passes(minilm, tmp_path):
+def test_mask_survives_pruning_stf_export_and_passes(minilm_own, tmp_path):
     """Real MiniLM: sparse24 on blocks 0-2, dsformer (2 STF steps) on blocks 3-5, export, passes."""
     from factordeploy.compress.calibration import Calibration, CalibrationConfig
     from factordeploy.compress.targets import find_targets
@@ -142,6 +144,7 @@ def test_mask_survives_pruning_stf_export_and_passes(minilm, tmp_path):
     from factordeploy.passes.presets import ort_pipeline
     from factordeploy.passes.sparsity import verify
 
+    minilm = minilm_own
     model = minilm.model
     targets = find_targets(model)
     first = [t for t in targets if t.split(".")[2] in "012"]
