@@ -39,7 +39,7 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("sparse24 wanda", "sparse24", {"score": "wanda"}),
     ("sparse24 sparsegpt", "sparse24", {"score": "sparsegpt"}),
     ("dsformer stf0", "dsformer", {"stf_steps": 0}),
-    ("dsformer stf100", "dsformer", {"stf_steps": 100}),
+    ("dsformer stf200", "dsformer", {"stf_steps": 200}),
 ]
 
 RESULTS = Path(__file__).parent / "results"
