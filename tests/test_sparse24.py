@@ -184,3 +184,12 @@ def test_mask_survives_pruning_stf_export_and_passes(minilm_own, tmp_path):
     init[mm.input[1]].CopyFrom(numpy_helper.from_array(arr, mm.input[1]))
     with pytest.raises(UserError, match=first[0].replace(".", r"\.")):
         verify(proto, PassContext(layers=layers))
+
+
+def test_trt_log_sparsity_lines_ignore_layer_names():
+    from factordeploy.engines.tensorrt import is_sparsity_line
+
+    assert not is_sparsity_line("[X] Parsing node: fd/encoder.layer.0.attention.self.query/densesparse/MatMul_0 [MatMul]")
+    assert not is_sparsity_line("[V] Registering layer: fd/model.layers.0.mlp.up_proj/sparse24/MatMul_0")
+    assert is_sparsity_line("[V] (Sparsity) Layers eligible for sparse math: fd/a/sparse24/MatMul_0, fd/b/sparse24/MatMul_0")
+    assert is_sparsity_line("[V] (Sparsity) TRT inference plan picked sparse implementation for layers: fd/a/sparse24/MatMul_0")
