@@ -33,6 +33,13 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("svd-whiten + welore alloc", "svd-whiten", {"allocation": "welore"}),
     ("fwsvd + welore alloc", "fwsvd", {"allocation": "welore"}),
     ("welore + finetune", "welore", {"finetune_steps": 100}),
+    # 2:4 (issue 6): sparse24 removes a fixed 46.875% of fp32 bytes whatever --ratio says; compare at
+    # equal stored bytes with --ratios 0.46875 (svd / dsformer then store the same bytes).
+    ("sparse24 magnitude", "sparse24", {"score": "magnitude"}),
+    ("sparse24 wanda", "sparse24", {"score": "wanda"}),
+    ("sparse24 sparsegpt", "sparse24", {"score": "sparsegpt"}),
+    ("dsformer stf0", "dsformer", {"stf_steps": 0}),
+    ("dsformer stf200", "dsformer", {"stf_steps": 200}),
 ]
 
 RESULTS = Path(__file__).parent / "results"

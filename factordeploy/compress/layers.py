@@ -109,3 +109,145 @@ def describe_layer(module: nn.Module) -> dict:
     if isinstance(module, FactorizedLinear):
         return module.describe()
     return {"kind": "dense", "in": module.in_features, "out": module.out_features}
+
+
+# --- 2:4 semi-structured sparsity (issue 6) ------------------------------------------------
+# In every group of 4 consecutive weights along the reduction (input) dimension at most 2 are
+# nonzero. Storage is counted as the compressed form sparse tensor cores read: the 2 kept
+# values per group (a group with fewer nonzeros still stores 2 slots) plus 2 bits of column
+# index metadata per kept value.
+
+SPARSE24_GROUP = 4
+SPARSE24_KEEP = 2
+
+
+def mask_24(scores: torch.Tensor) -> torch.Tensor:
+    """Boolean mask keeping the 2 highest-scoring entries of each group of 4 along the last dim."""
+    *lead, n = scores.shape
+    if n % SPARSE24_GROUP:
+        raise ValueError(f"2:4 needs the reduction dimension divisible by 4, got {n}")
+    g = scores.reshape(*lead, n // SPARSE24_GROUP, SPARSE24_GROUP)
+    idx = torch.topk(g, SPARSE24_KEEP, dim=-1).indices
+    m = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+    return m.reshape(*lead, n)
+
+
+def project_24(W: torch.Tensor) -> torch.Tensor:
+    """Nearest 2:4 matrix in Frobenius norm: keep the 2 largest magnitudes of every group of 4."""
+    return W * mask_24(W.detach().abs())
+
+
+def violations_24(W: torch.Tensor, dim: int = -1) -> int:
+    """Number of groups of 4 along `dim` holding more than 2 nonzeros (0 = valid 2:4)."""
+    W = torch.as_tensor(W).movedim(dim, -1)
+    n = W.shape[-1]
+    if n % SPARSE24_GROUP:
+        return -1
+    nz = (W != 0).reshape(*W.shape[:-1], n // SPARSE24_GROUP, SPARSE24_GROUP).sum(-1)
+    return int((nz > SPARSE24_KEEP).sum())
+
+
+def check_24(W: torch.Tensor, where: str, dim: int = -1) -> None:
+    """The vocabulary's validator: raise if W is not 2:4 along `dim` (on load and before export)."""
+    v = violations_24(W, dim)
+    if v == -1:
+        raise ValueError(f"{where}: 2:4 dimension of size {W.shape[dim]} is not divisible by 4")
+    if v:
+        raise ValueError(f"{where}: {v} groups of 4 along dim {dim} have more than 2 nonzeros (not 2:4)")
+
+
+def sparse24_bytes(rows: int, cols: int, elem: int) -> int:
+    """Compressed 2:4 storage of a rows x cols matrix (2:4 along cols): values + 2-bit metadata."""
+    kept = rows * cols // 2
+    return kept * elem + -(-kept * 2 // 8)
+
+
+class Sparse24Linear(FactorizedLinear):
+    """A dense-shaped weight (out x in) whose zeros form a 2:4 pattern along `in`.
+
+    Exported as a plain MatMul whose constant B = W^T [in, out] is 2:4 along axis 0 (K), the
+    axis TensorRT's sparse weights use. The pattern is checked on construction, on
+    load_state_dict, and by `validate_24_layers(model)`, which the 2:4 methods call as their last
+    step (right before the build exports); passes/sparsity.py re-checks the exported constants.
+    """
+
+    kind = "sparse24"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        check_24(weight, "Sparse24Linear weight")
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.weight = nn.Parameter(weight.detach().clone().contiguous())
+
+    def validate(self) -> None:
+        check_24(self.weight, "Sparse24Linear weight")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch signature
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.validate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def stored_bytes(self) -> int:
+        return sparse24_bytes(self.out_features, self.in_features, self.weight.element_size())
+
+    def describe(self) -> dict:
+        nz = float((self.weight != 0).float().mean())
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "density": round(nz, 4)}
+
+
+class DenseSparseLinear(FactorizedLinear):
+    """W ~ D @ S with D dense (out x k) and S (k x in) 2:4 along `in` (DSFormer).
+
+    forward x -> (x S^T) D^T + b: two MatMuls; the first one's constant S^T [in, k] is 2:4
+    along axis 0 (K). Stored bytes: D dense plus S in compressed 2:4 form.
+    """
+
+    kind = "densesparse"
+
+    def __init__(self, D: torch.Tensor, S: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if D.dim() != 2 or S.dim() != 2 or D.shape[1] != S.shape[0]:
+            raise ValueError(f"DenseSparseLinear needs D (out x k), S (k x in); got {tuple(D.shape)}, {tuple(S.shape)}")
+        check_24(S, "DenseSparseLinear S")
+        super().__init__(S.shape[1], D.shape[0], bias)
+        self.D = nn.Parameter(D.detach().clone().contiguous())
+        self.S = nn.Parameter(S.detach().clone().contiguous())
+
+    @property
+    def k(self) -> int:
+        return self.S.shape[0]
+
+    def validate(self) -> None:
+        check_24(self.S, "DenseSparseLinear S")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch signature
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.validate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.S), self.D, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.D @ self.S
+
+    def stored_bytes(self) -> int:
+        return tensor_bytes(self.D) + sparse24_bytes(self.k, self.in_features, self.S.element_size())
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "k": self.k}
+
+
+def validate_24_layers(model: nn.Module) -> int:
+    """Check the 2:4 pattern of every Sparse24Linear / DenseSparseLinear in `model`; returns how many."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (Sparse24Linear, DenseSparseLinear)):
+            try:
+                m.validate()
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from e
+            n += 1
+    return n

@@ -165,6 +165,15 @@ def _profile_shapes(network: Any, cfg: TrtBuildConfig) -> dict[str, dict[str, li
 
 
 SPARSE_PAT = re.compile(r"sparsity|sparse", re.IGNORECASE)
+# Layer/node/tensor names may contain "sparse" themselves (fd/<layer>/sparse24/..., densesparse):
+# strip every name-like token before matching so only TensorRT's own sparsity messages count.
+_NAME_TOKEN = re.compile(r"\S*(?:fd/|sparse24|densesparse)\S*", re.IGNORECASE)
+
+
+def is_sparsity_line(line: str) -> bool:
+    """A builder-log line about sparse math, not one that merely names a 2:4 layer."""
+    text = _NAME_TOKEN.sub("", line)
+    return bool(SPARSE_PAT.search(text)) and "sparse_weights" not in text.lower()
 
 
 def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,
@@ -220,8 +229,7 @@ def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,
     build_s = time.perf_counter() - t0
 
     log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    sparse_lines = [ln.strip() for ln in log_text.splitlines()
-                    if SPARSE_PAT.search(ln) and "sparse_weights" not in ln.lower() and "SPARSE_WEIGHTS" not in ln][:50]
+    sparse_lines = [ln.strip() for ln in log_text.splitlines() if is_sparsity_line(ln)][:50]
     if sparse_lines:
         sparse_note = "from the builder log"
     elif not cfg.sparse_weights:

@@ -6,10 +6,12 @@ from .annotate import name_factorized
 from .basic import fold_constants
 from .pipeline import Pass
 from .plugin_nodes import decompose_plugin_nodes, mark_plugin_nodes
+from .sparsity import verify_2to4
 
 
 def common_pipeline() -> list[Pass]:
-    return [name_factorized, fold_constants]
+    # verify-2to4 checks only sparse24/densesparse layers of the manifest (a no-op otherwise).
+    return [name_factorized, fold_constants, verify_2to4]
 
 
 def ort_pipeline() -> list[Pass]:
@@ -24,4 +26,5 @@ def trt_pipeline(precision: str = "fp32") -> list[Pass]:
         from .precision import to_precision
 
         passes.append(to_precision(precision))
+        passes.append(verify_2to4)  # the 2:4 pattern must also survive the precision cast
     return passes
