@@ -9,6 +9,7 @@ Layers that read the same tensor (q/k/v, gate/up) share one Gram matrix.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -69,13 +70,18 @@ class Calibration:
     def _collect(self, model: nn.Module, names: list[str]) -> None:
         acc: dict[str, torch.Tensor] = {}
         alias: dict[str, str] = {}
-        seen_ptr: dict[int, str] = {}
+        # id(x) -> (weak reference to x, first layer that read it). ids of freed tensors are
+        # reused within a forward pass, so an alias is only trusted while the SAME tensor is alive.
+        seen_ptr: dict[int, tuple[weakref.ref, str]] = {}
         handles = []
 
         def hook_for(name: str):
             def hook(_mod, inputs, _out):
                 x = inputs[0]
-                key = seen_ptr.setdefault(id(x), name)
+                ref, key = seen_ptr.get(id(x), (None, name))
+                if ref is None or ref() is not x:
+                    seen_ptr[id(x)] = (weakref.ref(x), name)
+                    key = name
                 if key != name:
                     alias[name] = key
                     return
