@@ -41,6 +41,12 @@ class BuildConfig:
     latency_runs: int = 20
     baseline: bool = True
     evaluate: bool = True
+    # TensorRT stage (engines/tensorrt.py): backend auto|trt|trt-rtx|ort, precision of the TensorRT graph
+    backend: str = "auto"
+    precision: str = "fp32"
+    sparse_weights: bool = False
+    trt_batch: str = "1:8:32"
+    trt_seq: str = "1:128:512"
 
 
 @dataclass
@@ -59,6 +65,7 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
     get_method(cfg.method)
+    check_engine_config(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
@@ -68,6 +75,24 @@ def check_config(cfg: BuildConfig) -> None:
         probe = probe.parent
     if not os.access(probe, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise UserError(f"--out {out} is not writable", "choose a folder you can write to")
+
+
+def check_engine_config(cfg: BuildConfig) -> None:
+    """--backend/--precision/--batch/--seq sanity, and a missing TensorRT reported before any work."""
+    from .engines.tensorrt import Range3
+    from .engines.trt_module import BACKENDS, require
+
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"unknown --backend '{cfg.backend}'", "use one of " + ", ".join(BACKENDS))
+    if cfg.precision not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"unknown --precision '{cfg.precision}'", "use fp32, fp16 or bf16")
+    if cfg.backend == "ort" and (cfg.precision != "fp32" or cfg.sparse_weights):
+        raise UserError("--precision/--sparse-weights apply to TensorRT engines; the ONNX Runtime artifact is fp32",
+                        "drop them, or pass --backend trt-rtx (or trt)")
+    Range3.parse(cfg.trt_batch, "batch")
+    Range3.parse(cfg.trt_seq, "seq")
+    if cfg.backend in ("trt", "trt-rtx"):
+        require(cfg.backend)
 
 
 def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -163,11 +188,15 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     with stage("graph passes (onnx-graphsurgeon)", timings):
         proto = run_pipeline(onnx.load(str(raw_path)), ort_pipeline(), pctx)
         onnx.save_model(proto, str(model_path))
-    raw_path.unlink()
 
     with stage("ONNX Runtime session + optimized model", timings):
         opt_path = tmp / "model.ort-optimized.onnx"
         ortmod.session(model_path, optimized_out=opt_path)
+
+    from .engines.tensorrt_stage import engine_stage
+
+    engine_report, engine_artifacts = engine_stage(cfg, loaded, raw_path, model_path, factorized, tmp, timings)
+    raw_path.unlink()
 
     with stage("verify export (polygraphy: torch vs ONNX Runtime)", timings):
         feeds = fidelity_feeds(loaded)
@@ -190,7 +219,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
                 row["speedup"] = round(row["original"]["median_ms"] / row["compressed"]["median_ms"], 3)
             latency.append(row)
 
-    artifacts = {"model": model_path, "ort_optimized": opt_path}
+    artifacts = {"model": model_path, "ort_optimized": opt_path, **engine_artifacts}
     if cfg.baseline:
         artifacts["baseline"] = baseline_path
     timings["total"] = round(time.perf_counter() - t_start, 3)
@@ -214,6 +243,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         "fidelity": fid.as_dict() | {"feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds]},
         "quality": quality,
         "latency": {"engine": "onnxruntime", "providers": ortmod.providers(), "points": latency},
+        "engine": engine_report,
         "artifacts": {k: str(v) for k, v in artifacts.items()},
         "sizes_on_disk": {k: os.path.getsize(v) for k, v in artifacts.items()},
         "timings_s": timings,

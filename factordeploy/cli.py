@@ -51,9 +51,16 @@ def _method_options(f):
 @click.option("--no-eval", is_flag=True, help="skip the task-quality evaluation")
 @click.option("--no-baseline", is_flag=True, help="skip the original-model ONNX (no latency comparison)")
 @click.option("--quiet", is_flag=True, help="no progress output")
+@click.option("--backend", type=click.Choice(["auto", "trt", "trt-rtx", "ort"]), default="auto", show_default=True,
+              help="engine: TensorRT, TensorRT-RTX, or ONNX Runtime only; auto = a TensorRT that can run on this GPU, else ORT")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="compute precision of the TensorRT graph (model.onnx stays fp32)")
+@click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
+@click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
+@click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @_method_options
 def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, **method_opts):
+          quiet, backend, precision, sparse_weights, trt_batch, trt_seq, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     from .build import BuildConfig, run_build
     from .compress.base import get_method
@@ -75,11 +82,18 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       device=device, seed=seed, options=options,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
-                      evaluate=not no_eval, baseline=not no_baseline)
+                      evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
+                      sparse_weights=sparse_weights, trt_batch=trt_batch, trt_seq=trt_seq)
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "
                f"export check {'passed' if r['fidelity']['passed'] else 'FAILED'} (max abs {r['fidelity']['max_abs']:.2g})")
+    e = r.get("engine") or {}
+    if e.get("engine_path"):
+        click.echo(f"engine ({e['backend']}, {e['precision']}): {res.out}/{e['engine_path']} {e['engine_bytes'] / 1e6:.2f} MB, "
+                   f"{e['layers']} layers, built in {e['build_seconds']:.1f} s; executed: {'yes' if e['executed'] else 'no'} ({e['reason']})")
+    elif e:
+        click.echo(f"backend: {e['backend']} ({e['reason']})")
     if not r["fidelity"]["passed"]:
         sys.exit(1)
 

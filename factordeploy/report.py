@@ -60,6 +60,7 @@ def render_markdown(r: dict) -> str:
     for p in lat["points"]:
         o = p.get("original", {}).get("median_ms", float("nan"))
         lines.append(f"| {p['batch']} x {p['seq']} | {o:.2f} | {p['compressed']['median_ms']:.2f} | {p.get('speedup', float('nan')):.2f}x |")
+    lines += render_engine(r.get("engine"))
     lines += ["", "## Layers", "| layer | before | after | bytes before | bytes after |", "|---|---|---|---:|---:|"]
     for lay in r["layers"]:
         after = ", ".join(f"{k}={v}" for k, v in lay["after"].items() if k not in ("in", "out"))
@@ -74,6 +75,49 @@ def render_markdown(r: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in r["timings_s"].items()]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def render_engine(e: dict | None) -> list[str]:
+    """## Engine: which backend, why, and the TensorRT build figures when an engine was built."""
+    if not e:
+        return []
+    lines = ["", "## Engine backend", f"Backend: **{e['backend']}** (requested `{e['requested']}`): {e['reason']}.  "]
+    if e["backend"] == "ort":
+        lines.append("No TensorRT engine was built; `model.onnx` (ONNX Runtime) is the deployable artifact."
+                     + (f" Note: {e['note']}." if e.get("note") else ""))
+        return lines
+    t = e.get("tensorrt", {})
+    lines += [
+        f"{'TensorRT' if e['backend'] == 'trt' else 'TensorRT-RTX'} {e.get('trt_version', t.get('version', '?'))}, "
+        f"precision {e['precision']} (in the graph: `{e.get('onnx_path', 'model.trt.onnx')}`), "
+        f"SPARSE_WEIGHTS {'on' if e.get('sparse_weights') else 'off'}.",
+        "",
+        "| engine | value |", "|---|---:|",
+        f"| engine file | `{e['engine_path']}` |",
+        f"| engine size | {_mb(e['engine_bytes'])} |",
+        f"| build time (s) | {e['build_seconds']:.2f} |",
+        f"| layers ({e['layer_source']}) | {e['layers']} |",
+        f"| engine layers by type | {', '.join(f'{k} {v}' for k, v in sorted(e.get('layer_types', {}).items()))} |",
+        f"| gemm layers of factorized layers (named fd/...) | {e.get('factorized_gemm_layers', 0)} |",
+        f"| network layers after parsing / plugin layers | {e['network_layers']} / {e['plugin_layers']} |",
+        f"| builder log | `{e['log_path']}` |",
+        f"| timing cache | {('`' + e['timing_cache'] + '`') if e.get('timing_cache') else 'none (no-op in TensorRT-RTX)'} |",
+        "",
+        "Profile (min / opt / max): " + "; ".join(f"`{k}` {v['min']} / {v['opt']} / {v['max']}"
+                                                 for k, v in e.get("profile", {}).items()) + ".  ",
+        f"Sparse weights: {len(e['sparse_log_lines'])} sparsity line(s) in the log - {e['sparse_note']}.  ",
+        f"Executed: **{'yes' if e['executed'] else 'no'}** - {e['reason']}.",
+    ]
+    g = e.get("trt_graph_on_ort")
+    if g:
+        lines.append(f"fp16 TensorRT graph run by ONNX Runtime vs model.onnx ({g['inputs']} real-text inputs; checks the "
+                     f"precision pass, not TensorRT): max abs {g['max_abs']:.3g}, mean abs {g['mean_abs']:.3g} "
+                     f"(outputs up to {g['reference_max_abs']:.3g}).")
+    c = e.get("comparison")
+    if c:
+        lines.append(f"TensorRT vs ONNX Runtime (polygraphy): **{'PASSED' if c['passed'] else 'FAILED'}** "
+                     f"(atol {c['atol']}, rtol {c['rtol']}, {c['iterations']} inputs).")
+    return lines
 
 
 def write_report(report: dict, folder: Path) -> None:

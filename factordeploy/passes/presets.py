@@ -5,7 +5,8 @@ from __future__ import annotations
 from .annotate import name_factorized
 from .basic import fold_constants
 from .pipeline import Pass
-from .sparse_dict import sparse_dict_ort
+from .plugin_nodes import decompose_plugin_nodes, mark_plugin_nodes
+from .sparse_dict import sparse_dict_ort, sparse_dict_trt
 
 
 def common_pipeline() -> list[Pass]:
@@ -13,5 +14,20 @@ def common_pipeline() -> list[Pass]:
 
 
 def ort_pipeline() -> list[Pass]:
-    """Graph for ONNX Runtime: standard ops only (custom-domain layers lowered last)."""
-    return common_pipeline() + [sparse_dict_ort]
+    """Graph for ONNX Runtime: standard ops only (plugin nodes replaced by their decompositions).
+
+    name-factorized runs first so the lowered CoSpaDi nodes keep their fd/<layer>/ names;
+    sparse-dict-ort picks gather vs dense per layer (and logs why) before the generic
+    decomposition of the remaining plugin ops.
+    """
+    return common_pipeline() + [sparse_dict_ort, decompose_plugin_nodes]
+
+
+def trt_pipeline(precision: str = "fp32") -> list[Pass]:
+    """Graph for TensorRT / TensorRT-RTX: plugin nodes kept and marked for the parser; precision in the graph."""
+    passes = common_pipeline() + [sparse_dict_trt, mark_plugin_nodes]
+    if precision != "fp32":
+        from .precision import to_precision
+
+        passes.append(to_precision(precision))
+    return passes

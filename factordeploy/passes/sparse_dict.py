@@ -71,6 +71,24 @@ def _const(t: gs.Tensor) -> np.ndarray:
 
 def decompose(graph: gs.Graph, node: gs.Node, how: str, cache: dict) -> None:
     """Replace `node` in place by the `how` ("gather" | "dense") decomposition."""
+    new = decomposition_nodes(node, how, cache)
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.remove(node)
+    graph.nodes.extend(new)
+
+
+def choose(node: gs.Node, model: CostModel | None = None) -> tuple[str, dict[str, float]]:
+    """The cheaper decomposition of one node under the cost model, with both modelled costs."""
+    D, idx = _const(node.inputs[1]), _const(node.inputs[2])
+    k, in_f = D.shape
+    s, out_f = idx.shape
+    costs = layer_costs(in_f, out_f, k, s, idx.dtype.itemsize, model or CostModel(), D.dtype.itemsize)
+    return min(costs, key=costs.get), costs
+
+
+def decomposition_nodes(node: gs.Node, how: str, cache: dict) -> list[gs.Node]:
+    """Standard-op nodes computing node.outputs[0] from node.inputs ("gather" | "dense")."""
     x, D_t, idx_t, val_t = node.inputs
     y = node.outputs[0]
     # fd/<layer>/sparse_dict/SparseDictMatMul_0 -> new nodes fd/<layer>/sparse_dict/<Op>_<role>,
@@ -78,21 +96,17 @@ def decompose(graph: gs.Graph, node: gs.Node, how: str, cache: dict) -> None:
     name = node.name or f"{OP_TYPE}_{y.name}"
     base = name.rsplit("/", 1)[0] if layer_of(name) else name
     D, idx, val = _const(D_t), _const(idx_t), _const(val_t)
-    node.outputs.clear()
-    node.inputs.clear()
-    graph.nodes.remove(node)
     if how == "dense":
         S = np.zeros((idx.shape[1], D.shape[0]), dtype=val.dtype)
         np.add.at(S, (np.arange(idx.shape[1])[None, :].repeat(idx.shape[0], 0), idx.astype(np.int64)), val)
         Wt = gs.Constant(f"{base}/W_T", np.ascontiguousarray((S @ D).T.astype(D.dtype)))
-        graph.nodes.append(gs.Node("MatMul", f"{base}/MatMul_dense", inputs=[x, Wt], outputs=[y]))
-        return
+        return [gs.Node("MatMul", f"{base}/MatMul_dense", inputs=[x, Wt], outputs=[y])]
     # A shared dictionary (--share group) is transposed once for all its layers.
     key = D_t.name
     if key not in cache:
         cache[key] = gs.Constant(f"{D_t.name}/T", np.ascontiguousarray(D.T))
     Dt = cache[key]
-    k, s_, out_f = D.shape[0], idx.shape[0], idx.shape[1]
+    k, out_f = D.shape[0], idx.shape[1]
     dt = y.dtype
 
     def v(name: str, dtype=dt) -> gs.Variable:
@@ -107,7 +121,7 @@ def decompose(graph: gs.Graph, node: gs.Node, how: str, cache: dict) -> None:
         v("z"), v("z2"), v("zT"), v("idx64", np.int64), v("gathered"), v("weighted"), v("summed"),
         v("summed_T"), v("x_shape", np.int64), v("lead_shape", np.int64), v("out_shape", np.int64))
     val3 = gs.Constant(f"{val_t.name}/3d", np.ascontiguousarray(val[:, :, None]))
-    graph.nodes.extend([
+    return [
         gs.Node("MatMul", f"{base}/MatMul_dict", inputs=[x, Dt], outputs=[z]),
         gs.Node("Reshape", f"{base}/Reshape_tokens", inputs=[z, c("flat", np.array([-1, k], dtype=np.int64))], outputs=[z2]),
         gs.Node("Transpose", f"{base}/Transpose_tokens_last", attrs={"perm": [1, 0]}, inputs=[z2], outputs=[zt]),
@@ -123,8 +137,7 @@ def decompose(graph: gs.Graph, node: gs.Node, how: str, cache: dict) -> None:
         gs.Node("Concat", f"{base}/Concat_shape", attrs={"axis": 0},
                 inputs=[lead, c("out", np.array([out_f], dtype=np.int64))], outputs=[oshape]),
         gs.Node("Reshape", f"{base}/Reshape_out", inputs=[rt, oshape], outputs=[y]),
-    ])
-    del s_
+    ]
 
 
 def onnx_int64() -> int:
@@ -134,7 +147,7 @@ def onnx_int64() -> int:
 
 
 def sparse_dict_nodes(graph: gs.Graph) -> list[gs.Node]:
-    return [n for n in graph.nodes if n.op == OP_TYPE and (n.domain in (DOMAIN, "", None))]
+    return [n for n in graph.nodes if n.op == OP_TYPE and n.domain == DOMAIN]
 
 
 def make_sparse_dict_pass(policy: str = "cost", model: CostModel | None = None):
@@ -148,11 +161,8 @@ def make_sparse_dict_pass(policy: str = "cost", model: CostModel | None = None):
         chosen: dict[str, dict] = {}
         cache: dict = {}
         for node in sparse_dict_nodes(graph):
-            D, idx = _const(node.inputs[1]), _const(node.inputs[2])
-            k, in_f = D.shape
-            s, out_f = idx.shape
-            costs = layer_costs(in_f, out_f, k, s, idx.dtype.itemsize, cm, D.dtype.itemsize)
-            how = policy if policy != "cost" else min(costs, key=costs.get)
+            best, costs = choose(node, cm)
+            how = policy if policy != "cost" else best
             chosen[layer_of(node.name or "") or node.name] = {
                 "decomposition": how, "modelled_us": {n: round(c * 1e6, 2) for n, c in costs.items()}}
             decompose(graph, node, how, cache)
@@ -164,3 +174,25 @@ def make_sparse_dict_pass(policy: str = "cost", model: CostModel | None = None):
 
 
 sparse_dict_ort = make_sparse_dict_pass()
+
+
+@graph_pass("sparse-dict-trt", "keep SparseDictMatMul as a plugin node; indices widened to int32 for the plugin")
+def sparse_dict_trt(graph: gs.Graph, ctx: PassContext) -> None:
+    """TensorRT keeps the node (plugins/ops/sparse_dict_matmul.py). Its plugin declares int32
+    indices (TensorRT's plugin I/O types have no int16, and uint8 is not accepted for plugin
+    inputs here), so the idx initializer is widened once in the graph: the engine stores
+    4 bytes per index where the ONNX stores 1-2 (reported)."""
+    widened, extra = 0, 0
+    seen: dict[str, gs.Constant] = {}
+    for node in sparse_dict_nodes(graph):
+        t = node.inputs[2]
+        arr = _const(t)
+        if arr.dtype == np.int32:
+            continue
+        if t.name not in seen:
+            seen[t.name] = gs.Constant(f"{t.name}/int32", arr.astype(np.int32))
+            extra += arr.size * (4 - arr.dtype.itemsize)
+        node.inputs[2] = seen[t.name]
+        widened += 1
+    ctx.note("sparse-dict-trt", plugin_nodes=len(sparse_dict_nodes(graph)), indices_widened=widened,
+             extra_index_bytes=extra)

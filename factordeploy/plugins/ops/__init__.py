@@ -1,0 +1,1 @@
+"""One module per plugin op; each calls factordeploy.plugins.register_op(OpSpec(...)) at import."""
