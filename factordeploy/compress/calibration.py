@@ -3,15 +3,19 @@
 `--calib N` windows x `--calib-len L` tokens, drawn reproducibly (`--seed`) from the
 calibration half of the Wikipedia text (models/text.py holds the split) or from a user
 file. Per-layer input Gram matrices X^T X are accumulated in float64 with forward hooks
-in one pass; memory is bounded by the layer widths (in^2 per distinct input), not N x L.
+in one pass; memory is bounded by the layer widths (in^2 float64 per distinct input, e.g.
+18.9 MB for a 1536-wide input), plus one batch of activations - never N x L rows.
 Layers that read the same tensor (q/k/v, gate/up) share one Gram matrix.
+
+A Calibration belongs to one ORIGINAL model: statistics (grams, Fisher, reference
+embeddings) are cached on it and reused by every method/variant compressing a fresh copy
+of that model (the benchmark relies on this to collect them once).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +43,7 @@ class Calibration:
         self.device = device
         self._windows: list[list[int]] | None = None
         self._grams: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, Any] = {}  # derived statistics (Fisher, reference embeddings), see fisher.py
         self.tokens_seen = 0
 
     def source(self) -> str:
@@ -70,23 +75,20 @@ class Calibration:
     def _collect(self, model: nn.Module, names: list[str]) -> None:
         acc: dict[str, torch.Tensor] = {}
         alias: dict[str, str] = {}
-        # id(x) -> (weak reference to x, first layer that read it). ids of freed tensors are
-        # reused within a forward pass, so an alias is only trusted while the SAME tensor is alive.
-        seen_ptr: dict[int, tuple[weakref.ref, str]] = {}
+        # Layers reading the same tensor are hooked back to back (q, k, v; gate, up). Holding
+        # a reference to the last input keeps its id from being reused by a later tensor.
+        last: list = [None, None]  # [tensor, layer name that owns its Gram]
         handles = []
 
         def hook_for(name: str):
             def hook(_mod, inputs, _out):
                 x = inputs[0]
-                ref, key = seen_ptr.get(id(x), (None, name))
-                if ref is None or ref() is not x:
-                    seen_ptr[id(x)] = (weakref.ref(x), name)
-                    key = name
-                if key != name:
-                    alias[name] = key
+                if last[0] is x:
+                    alias[name] = last[1]
                     return
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                g = (x2.T @ x2).to(torch.float64)
+                last[0], last[1] = x, name
+                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                g = x2.T @ x2
                 if name in acc:
                     acc[name] += g
                 else:
@@ -97,9 +99,9 @@ class Calibration:
             handles.append(model.get_submodule(n).register_forward_hook(hook_for(n)))
         try:
             model.eval()
-            for batch in track(self.batches(), "calibration statistics", total=self.num_batches()):
-                seen_ptr.clear()
+            for batch in track(self.batches(), "calibration statistics (X^T X, float64)", total=self.num_batches()):
                 self.loaded.output(model, batch)
+                last[0] = last[1] = None
                 self.tokens_seen += int(batch["input_ids"].numel())
         finally:
             for h in handles:

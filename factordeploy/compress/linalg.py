@@ -26,6 +26,11 @@ def svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.linalg.svd(W.detach().to(torch.float64), full_matrices=False)
 
 
+def singular_values(W: torch.Tensor) -> torch.Tensor:
+    """Singular values only, float64 (cheaper than a full SVD; used for rank allocation)."""
+    return torch.linalg.svdvals(W.detach().to(torch.float64))
+
+
 def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int,
                   balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncate to `rank`; returns (A, B) with B @ A = U_r S_r Vh_r.

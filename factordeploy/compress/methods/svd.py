@@ -6,10 +6,11 @@ import click
 import torch
 from torch import nn
 
+from ...errors import UserError
 from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
 from ..budget import allocate_by_threshold, uniform_rank
 from ..layers import LowRankLinear
-from ..linalg import Factors, svd, truncated_svd
+from ..linalg import Factors, output_error, singular_values, truncated_svd
 from ...progress import track
 
 ALLOCATION = MethodOption("allocation", click.Choice(["uniform", "welore"]), "uniform",
@@ -29,7 +30,7 @@ class LowRankMethod(Method):
         """Hook for data collection before any layer changes (calibration statistics etc.)."""
 
     def spectrum(self, name: str, W: torch.Tensor) -> torch.Tensor:
-        return svd(W)[1]
+        return singular_values(W)
 
     def factor(self, name: str, W: torch.Tensor, rank: int) -> Factors:
         return truncated_svd(W, rank)
@@ -38,12 +39,20 @@ class LowRankMethod(Method):
         w = float(W.double().norm())
         return {"weight_rel_error": float(f.dropped.double().norm()) / w if w else 0.0}
 
+    def allocation(self, ctx: CompressContext) -> str:
+        """'uniform' or 'welore' (global threshold); methods that ARE an allocation override this."""
+        return ctx.opt("allocation", "uniform")
+
     def ranks(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> dict[str, int]:
         shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in targets}
-        if ctx.opt("allocation", "uniform") == "welore":
+        if self.allocation(ctx) == "welore":
             spectra = {n: self.spectrum(n, model.get_submodule(n).weight.detach())
                        for n in track(targets, "spectra for allocation")}
-            alloc = allocate_by_threshold(spectra, shapes, ctx.ratio, min_reduction=ctx.opt("min_reduction", 0.0))
+            try:
+                alloc = allocate_by_threshold(spectra, shapes, ctx.ratio, min_reduction=ctx.opt("min_reduction", 0.0))
+            except ValueError as e:
+                raise UserError(f"--ratio {ctx.ratio} cannot be met by threshold allocation ({e})",
+                                "use a smaller --ratio or a smaller --min-reduction") from e
             self.allocation_note = f"welore allocation: tau={alloc.tau:.4f}, bytes {alloc.bytes_after}/{alloc.bytes_budget} budget"
             return alloc.ranks
         self.allocation_note = "uniform allocation: each layer keeps (1 - ratio) of its bytes"
@@ -63,10 +72,28 @@ class LowRankMethod(Method):
             f = self.factor(name, W, r)
             new = LowRankLinear(f.A.to(layer.weight.dtype), f.B.to(layer.weight.dtype), layer.bias).to(layer.weight.device)
             records.append(replace_layer(model, name, new, self.metrics(name, W, f)))
-        return CompressResult(records, notes=[self.allocation_note])
+        result = CompressResult(records, notes=[self.allocation_note])
+        self.finish(model, ctx, result)
+        return result
+
+    def finish(self, model: nn.Module, ctx: CompressContext, result: CompressResult) -> None:
+        """Hook after every layer is swapped (fine-tuning, notes, extra report data)."""
 
 
 @register
 class SVDMethod(LowRankMethod):
     name = "svd"
     summary = "truncated SVD per layer (W ~ U_r S_r V_r^T), data-free"
+
+
+def error_metrics(W: torch.Tensor, f: Factors, gram: torch.Tensor | None = None) -> dict:
+    """Relative weight error ||W - BA|| / ||W|| and, with a Gram matrix, the relative output
+    error ||X (W - BA)^T|| / ||X W^T|| on the calibration activations."""
+    W64 = W.detach().to(torch.float64)
+    W_hat = f.B.to(torch.float64) @ f.A.to(torch.float64)
+    w = float(W64.norm())
+    out = {"weight_rel_error": float((W64 - W_hat).norm()) / w if w else 0.0}
+    if gram is not None:
+        ref = output_error(W64, torch.zeros_like(W64), gram)
+        out["output_rel_error"] = output_error(W64, W_hat, gram) / ref if ref else 0.0
+    return out

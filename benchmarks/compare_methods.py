@@ -1,0 +1,130 @@
+"""Compare low-rank methods at equal bytes on held-out quality (no export).
+
+For each model and ratio, every VARIANTS entry compresses a fresh copy of the original
+model and is scored by verify.quality.QualityProbe on the evaluation split (MiniLM: mean
+embedding cosine vs the original + polarity probe accuracy; SmolLM2: perplexity).
+Calibration statistics are collected once per model and shared by all variants.
+
+    PYTHONPATH=. python benchmarks/compare_methods.py --models minilm,smollm2 --ratios 0.2,0.35,0.5
+
+Other methods append entries to VARIANTS: (label, method name, {option: value}).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from factordeploy.compress.calibration import CalibrationConfig
+from factordeploy.pipeline import compress_and_score, open_session
+from factordeploy.progress import log, set_quiet
+
+VARIANTS: list[tuple[str, str, dict]] = [
+    ("svd", "svd", {}),
+    ("svd-whiten", "svd-whiten", {}),
+    ("fwsvd", "fwsvd", {}),
+    ("welore", "welore", {}),
+    ("svd + welore alloc", "svd", {"allocation": "welore"}),
+    ("svd-whiten + welore alloc", "svd-whiten", {"allocation": "welore"}),
+    ("fwsvd + welore alloc", "fwsvd", {"allocation": "welore"}),
+    ("welore + finetune", "welore", {"finetune_steps": 100}),
+    ("cospadi", "cospadi", {}),
+    ("cospadi shared", "cospadi", {"share": "group"}),
+]
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _fmt(x: float, nd: int) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def cell(kind: str, q: dict) -> str:
+    if kind == "decoder":
+        return _fmt(q["perplexity"], 2)
+    return f"{_fmt(q['embedding_cosine_mean'], 3)} / {_fmt(q['polarity_cosine_mean'], 3)} / {_fmt(q['polarity_accuracy'], 3)}"
+
+
+def markdown(model: str, kind: str, reference: dict, rows: list[dict], ratios: list[float]) -> str:
+    metric = ("perplexity (lower is better)" if kind == "decoder" else
+              "mean cosine vs original on Wikipedia eval sentences / on polarity sentences / polarity accuracy")
+    ref = _fmt(reference["perplexity"], 2) if kind == "decoder" else f"1 / 1 / {_fmt(reference['polarity_accuracy'], 3)}"
+    out = [f"### {model}: {metric}; original {ref}", "",
+           "| variant | " + " | ".join(f"ratio {r}" for r in ratios) + " |",
+           "|---|" + "---:|" * len(ratios)]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    for label in labels:
+        cells = []
+        for ratio in ratios:
+            hit = [r for r in rows if r["label"] == label and r["ratio"] == ratio]
+            cells.append(f"{cell(kind, hit[0]['quality'])} (-{hit[0]['reduction'] * 100:.1f}%)" if hit else "-")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def render_json(path: Path) -> str:
+    """Re-render the markdown table of a results JSON (e.g. after a partial run)."""
+    doc = json.loads(Path(path).read_text())
+    return markdown(doc["model"], doc["kind"], doc["reference"], doc["rows"], doc["ratios"])
+
+
+@click.command()
+@click.option("--models", default="minilm,smollm2", show_default=True)
+@click.option("--ratios", default="0.2,0.35,0.5", show_default=True)
+@click.option("--variants", default=None, help="comma-separated labels to run (default: all)")
+@click.option("--calib", type=int, default=64, show_default=True)
+@click.option("--calib-len", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--finetune-steps", type=int, default=None, help="override the steps of finetune variants")
+@click.option("--out", default=None, help="JSON path, {model} is replaced [default: benchmarks/results/compare_methods-{model}.json]")
+@click.option("--render", "render", multiple=True, type=click.Path(exists=True),
+              help="only print the table of existing results JSON file(s)")
+@click.option("--quiet", is_flag=True)
+def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, render, quiet) -> None:
+    set_quiet(quiet)
+    if render:
+        for p in render:
+            click.echo(render_json(Path(p)) + "\n")
+        return
+    ratio_list = [float(r) for r in ratios.split(",")]
+    chosen = [v for v in VARIANTS if variants is None or v[0] in {s.strip() for s in variants.split(",")}]
+    if finetune_steps is not None:
+        chosen = [(l, m, o | {"finetune_steps": finetune_steps} if "finetune_steps" in o else o) for l, m, o in chosen]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for model in [m.strip() for m in models.split(",") if m.strip()]:
+        t0 = time.perf_counter()
+        session = open_session(model, CalibrationConfig(n=calib, length=calib_len, seed=seed), seed=seed)
+        kind = session.loaded.kind
+        rows = []
+        path = Path(out.replace("{model}", model)) if out else RESULTS / f"compare_methods-{model}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for ratio in ratio_list:
+            for label, method, opts in chosen:
+                log(f"== {model} ratio {ratio}: {label}")
+                v = compress_and_score(session, method, ratio, opts)
+                rows.append({"label": label, "method": method, "options": v.options, "ratio": ratio,
+                             "reduction": round(v.reduction, 4), "quality": v.quality,
+                             "compress_s": round(v.compress_s, 2), "score_s": round(v.score_s, 2),
+                             "notes": v.result.notes,
+                             "extra": {k: x for k, x in v.result.extra.items() if k != "rank_table"}})
+                log(f"   {cell(kind, v.quality)}  bytes -{v.reduction * 100:.1f}%  compress {v.compress_s:.1f}s")
+                doc = {"model": model, "kind": kind, "reference": session.probe.reference,
+                       "calibration": session.calibration.describe(), "ratios": ratio_list,
+                       "timings_s": session.timings | {"total": round(time.perf_counter() - t0, 1)},
+                       "command": " ".join(sys.argv), "rows": rows}
+                path.write_text(json.dumps(doc, indent=2, default=str))  # after every row: partial runs survive
+        table = markdown(model, kind, session.probe.reference, rows, ratio_list)
+        path.with_suffix(".md").write_text(table + "\n")
+        tables.append(table)
+        click.echo(table + "\n")
+        del session
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Diagonal Fisher information of the targeted weights (for FWSVD), from calibration batches.
+
+F_ij = sum over calibration batches of (dL/dW_ij)^2 with L the model's task loss
+(objective.py). Only targeted weights get gradients; everything else is frozen for the
+pass and restored afterwards. Memory: `reduce="row"` keeps one float64 value per output
+row (what FWSVD uses); `reduce="none"` keeps a float32 matrix per weight (the size of the
+targeted weights). Results are cached on the Calibration, so variants share one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..progress import track
+from .calibration import Calibration
+from .objective import TaskObjective
+
+
+def fisher_diagonal(model: nn.Module, names: list[str], calibration: Calibration, objective: TaskObjective,
+                    reduce: Literal["row", "none"] = "row", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Accumulated squared gradients per targeted weight (or their per-row sums)."""
+    key = f"fisher/{reduce}/{seed}"
+    cached = calibration.cache.setdefault(key, {})
+    missing = [n for n in names if n not in cached]
+    if missing:
+        cached.update(_accumulate(model, missing, calibration, objective, reduce, seed))
+    return {n: cached[n] for n in names}
+
+
+def _accumulate(model: nn.Module, names: list[str], calibration: Calibration, objective: TaskObjective,
+                reduce: str, seed: int) -> dict[str, torch.Tensor]:
+    weights = {n: model.get_submodule(n).weight for n in names}
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    gen = torch.Generator().manual_seed(seed) if objective.kind == "encoder" else None
+    acc: dict[str, torch.Tensor] = {}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+            w.grad = None
+        model.eval()
+        for i, batch in enumerate(track(calibration.batches(), f"Fisher ({objective.kind} task loss)",
+                                        total=calibration.num_batches())):
+            loss = objective.loss(model, i, batch, sample_targets=gen)
+            loss.backward()
+            for n, w in weights.items():
+                g2 = w.grad.detach() ** 2
+                g2 = g2.sum(1, dtype=torch.float64) if reduce == "row" else g2
+                acc[n] = acc[n] + g2 if n in acc else g2
+                w.grad = None
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+            p.grad = None
+    return acc
+
+
+def row_importance(fisher_rows: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """FWSVD row weights: row Fisher sums normalised by their max, plus eps (public FWSVD code)."""
+    f = fisher_rows.to(torch.float64)
+    m = float(f.max())
+    return (f / m if m > 0 else torch.ones_like(f)) + eps
