@@ -138,11 +138,11 @@ def test_cospadi_never_worse_than_whitened_svd_on_minilm(minilm, minilm_calib, s
 
     model = copy.deepcopy(minilm.model)
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
-               (".layer.1." in n or ".layer.2." in n)]
+               ".layer.1." in n]
     cal = minilm_calib
     grams = {k: v.clone() for k, v in cal.grams(model, targets).items()}
     W0 = {n: model.get_submodule(n).weight.detach().clone() for n in targets}
-    ctx = CompressContext(ratio=0.5, options={"share": share, "share_blocks": 2})
+    ctx = CompressContext(ratio=0.5, options={"share": share, "share_blocks": 1})
     ctx.calibration = cal
     res = get_method("cospadi").compress(model, targets, ctx)
     assert res.bytes_after <= 0.5 * res.bytes_before + 8 * len(targets)

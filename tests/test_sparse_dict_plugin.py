@@ -96,12 +96,21 @@ def test_onnx_with_plugin_node_builds_tensorrt_rtx_engine(tmp_path):
     idx_init = next(i for i in proto.graph.initializer if i.name == node.input[2])
     assert idx_init.data_type == onnx.TensorProto.INT32 and ctx.info["sparse-dict-trt"]["indices_widened"] == 1
     onnx.save(proto, str(tmp_path / "m.trt.onnx"))
+    # the same file runs on ONNX Runtime through the model-local function (one ONNX, both runtimes)
+    import numpy as np
+    import onnxruntime as ort
+
+    assert [f.name for f in proto.functions] == ["SparseDictMatMul"]
+    sess = ort.InferenceSession(str(tmp_path / "m.trt.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], torch.relu(layer(x)).numpy(), atol=1e-5)
 
     CALLS["SparseDictMatMul"].clear()
     SEEN["SparseDictMatMul"].clear()
     res = build_engine(tmp_path / "m.trt.onnx",
                        TrtBuildConfig(out_dir=tmp_path / "eng", batch=Range3(1, 2, 4), seq=Range3(1, 8, 16)), info)
-    assert res.plugin_layers == 1 and Path(res.engine_path).exists()
+    assert res.plugin_layers == 1 and Path(res.engine_path).exists()  # the plugin, not the function body
     seen = SEEN["SparseDictMatMul"]
     assert seen["attrs"] == {"k": 40, "s": 6, "out_features": 48}
     conf = seen["configured"]

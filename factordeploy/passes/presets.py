@@ -6,7 +6,7 @@ from .annotate import name_factorized
 from .basic import fold_constants
 from .pipeline import Pass
 from .plugin_nodes import decompose_plugin_nodes, mark_plugin_nodes
-from .sparse_dict import sparse_dict_ort, sparse_dict_trt
+from .sparse_dict import sparse_dict_function, sparse_dict_ort, sparse_dict_trt
 
 
 def common_pipeline() -> list[Pass]:
@@ -25,7 +25,9 @@ def ort_pipeline() -> list[Pass]:
 
 def trt_pipeline(precision: str = "fp32") -> list[Pass]:
     """Graph for TensorRT / TensorRT-RTX: plugin nodes kept and marked for the parser; precision in the graph."""
-    passes = common_pipeline() + [sparse_dict_trt, mark_plugin_nodes]
+    # sparse-dict-function: the TensorRT graph also carries SparseDictMatMul's standard-op body as
+    # an ONNX local function, so ONNX Runtime (and polygraphy --onnxrt) can run the same file.
+    passes = common_pipeline() + [sparse_dict_trt, mark_plugin_nodes, sparse_dict_function]
     if precision != "fp32":
         from .precision import to_precision
 

@@ -196,3 +196,64 @@ def sparse_dict_trt(graph: gs.Graph, ctx: PassContext) -> None:
         widened += 1
     ctx.note("sparse-dict-trt", plugin_nodes=len(sparse_dict_nodes(graph)), indices_widened=widened,
              extra_index_bytes=extra)
+
+
+def local_function() -> "onnx.FunctionProto":
+    """factordeploy::SparseDictMatMul as an ONNX model-local function (the gather decomposition).
+
+    With it, the graph that keeps the custom node for TensorRT also runs on ONNX Runtime, which
+    expands local functions (TENSORRT.md, 'One ONNX for both runtimes'); TensorRT's parser uses the
+    registered plugin for nodes carrying plugin_namespace. Shapes come from Shape ops, so one
+    function serves every layer. The node attributes (k, s, out_features, plugin_namespace,
+    plugin_version) are declared so ONNX Runtime accepts them; the body does not read them.
+    """
+    import onnx
+    from onnx import helper as h
+
+    def const(name: str, vals: list[int]) -> onnx.NodeProto:
+        return h.make_node("Constant", [], [name], value=h.make_tensor(name, onnx.TensorProto.INT64, [len(vals)], vals))
+
+    nodes = [
+        const("c_m1", [-1]), const("c_0", [0]), const("c_1", [1]), const("c_2", [2]),
+        h.make_node("Transpose", ["D"], ["Dt"], perm=[1, 0]),
+        h.make_node("MatMul", ["x", "Dt"], ["z"]),
+        h.make_node("Shape", ["D"], ["d_shape"]),
+        h.make_node("Slice", ["d_shape", "c_0", "c_1"], ["k_dim"]),
+        h.make_node("Concat", ["c_m1", "k_dim"], ["flat_shape"], axis=0),
+        h.make_node("Reshape", ["z", "flat_shape"], ["z2"]),
+        h.make_node("Transpose", ["z2"], ["zt"], perm=[1, 0]),
+        h.make_node("Cast", ["idx"], ["idx64"], to=onnx.TensorProto.INT64),
+        h.make_node("Gather", ["zt", "idx64"], ["g"], axis=0),
+        h.make_node("Unsqueeze", ["val", "c_2"], ["val3"]),
+        h.make_node("Mul", ["g", "val3"], ["p"]),
+        h.make_node("ReduceSum", ["p", "c_0"], ["r"], keepdims=0),
+        h.make_node("Transpose", ["r"], ["rt"], perm=[1, 0]),
+        h.make_node("Shape", ["x"], ["x_shape"]),
+        h.make_node("Slice", ["x_shape", "c_0", "c_m1"], ["lead"]),
+        h.make_node("Shape", ["idx"], ["i_shape"]),
+        h.make_node("Slice", ["i_shape", "c_1", "c_2"], ["out_dim"]),
+        h.make_node("Concat", ["lead", "out_dim"], ["y_shape"], axis=0),
+        h.make_node("Reshape", ["rt", "y_shape"], ["y"]),
+    ]
+    return h.make_function(DOMAIN, OP_TYPE, ["x", "D", "idx", "val"], ["y"], nodes,
+                           [h.make_opsetid("", 18)],
+                           attributes=["k", "s", "out_features", "plugin_namespace", "plugin_version"])
+
+
+def _attach(model: "onnx.ModelProto", ctx: PassContext) -> "onnx.ModelProto":
+    if not any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in model.graph.node):
+        return model
+    if not any(f.domain == DOMAIN and f.name == OP_TYPE for f in model.functions):
+        model.functions.append(local_function())
+    ctx.note("sparse-dict-function", attached=True)
+    return model
+
+
+def _pass():
+    from .pipeline import Pass
+
+    return Pass("sparse-dict-function", _attach,
+                "ship SparseDictMatMul's standard-op body as an ONNX local function (ORT runs the TRT graph)")
+
+
+sparse_dict_function = _pass()
