@@ -40,6 +40,8 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("sparse24 sparsegpt", "sparse24", {"score": "sparsegpt"}),
     ("dsformer stf0", "dsformer", {"stf_steps": 0}),
     ("dsformer stf200", "dsformer", {"stf_steps": 200}),
+    ("cospadi", "cospadi", {}),
+    ("cospadi shared", "cospadi", {"share": "group"}),
 ]
 
 RESULTS = Path(__file__).parent / "results"

@@ -6,6 +6,7 @@ from .annotate import name_factorized
 from .basic import fold_constants
 from .pipeline import Pass
 from .plugin_nodes import decompose_plugin_nodes, mark_plugin_nodes
+from .sparse_dict import sparse_dict_function, sparse_dict_ort, sparse_dict_trt
 from .sparsity import verify_2to4
 
 
@@ -15,13 +16,20 @@ def common_pipeline() -> list[Pass]:
 
 
 def ort_pipeline() -> list[Pass]:
-    """Graph for ONNX Runtime: standard ops only (plugin nodes replaced by their decompositions)."""
-    return [decompose_plugin_nodes] + common_pipeline()
+    """Graph for ONNX Runtime: standard ops only (plugin nodes replaced by their decompositions).
+
+    name-factorized runs first so the lowered CoSpaDi nodes keep their fd/<layer>/ names;
+    sparse-dict-ort picks gather vs dense per layer (and logs why) before the generic
+    decomposition of the remaining plugin ops.
+    """
+    return common_pipeline() + [sparse_dict_ort, decompose_plugin_nodes]
 
 
 def trt_pipeline(precision: str = "fp32") -> list[Pass]:
     """Graph for TensorRT / TensorRT-RTX: plugin nodes kept and marked for the parser; precision in the graph."""
-    passes = common_pipeline() + [mark_plugin_nodes]
+    # sparse-dict-function: the TensorRT graph also carries SparseDictMatMul's standard-op body as
+    # an ONNX local function, so ONNX Runtime (and polygraphy --onnxrt) can run the same file.
+    passes = common_pipeline() + [sparse_dict_trt, mark_plugin_nodes, sparse_dict_function]
     if precision != "fp32":
         from .precision import to_precision
 
