@@ -66,21 +66,10 @@ def register_qdp(trt: Any, spec: OpSpec) -> bool:
     attrs = [P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=_annot(a.kind)) for a in spec.attrs]
     out_ret = trtp.TensorDesc if spec.num_outputs == 1 else Tuple[tuple([trtp.TensorDesc] * spec.num_outputs)]
 
-    class _ExprAlgebra:
-        def const(self, v: int) -> int:
-            return int(v)
+    from .export import _TorchAlgebra
 
-        def add(self, a: Any, b: Any) -> Any:
-            return a + b
-
-        def sub(self, a: Any, b: Any) -> Any:
-            return a - b
-
-        def mul(self, a: Any, b: Any) -> Any:
-            return a * b
-
-        def floordiv(self, a: Any, b: Any) -> Any:
-            return a // b
+    class _ExprAlgebra(_TorchAlgebra):
+        """The same shape algebra on QDP's symbolic sizes; only ceil-division differs."""
 
         def ceildiv(self, a: Any, b: Any) -> Any:
             return trtp.cdiv(a, b)
