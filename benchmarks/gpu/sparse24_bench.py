@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +39,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import cuda_median_ms  # noqa: E402
 from torch.nn import functional as F
 
 BERT = [("bert.qkvo", 768, 768), ("bert.ffn_up", 768, 3072), ("bert.ffn_down", 3072, 768)]
@@ -72,19 +74,7 @@ def project_24(W: torch.Tensor) -> torch.Tensor:
 
 def gpu_time(fn: Callable[[], torch.Tensor], iters: int, repeats: int) -> float:
     """Median over `repeats` of (CUDA-event time of `iters` calls) / iters, in ms."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / iters)
-    return statistics.median(out)
+    return cuda_median_ms(fn, repeats, iters=iters)
 
 
 def host_time(fn: Callable[[], torch.Tensor], iters: int) -> float:

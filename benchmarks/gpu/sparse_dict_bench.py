@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import cuda_median_ms  # noqa: E402
 
 SHAPES = {  # name: (in, out)
     "minilm.qkvo 384x384": (384, 384),
@@ -40,20 +42,7 @@ RATIOS = (0.2, 0.35, 0.5)
 
 
 def _time(fn, runs: int) -> float:
-    import torch
-
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return cuda_median_ms(fn, runs)
 
 
 def pick_ks(n_in: int, n_out: int, ratio: float) -> tuple[int, int] | None:
