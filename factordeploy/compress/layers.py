@@ -162,7 +162,18 @@ def sparse24_bytes(rows: int, cols: int, elem: int) -> int:
     return kept * elem + -(-kept * 2 // 8)
 
 
-class Sparse24Linear(FactorizedLinear):
+class _Validated24(FactorizedLinear):
+    """Base of the 2:4 layers: `validate()` checks the pattern, and every state-dict load runs it."""
+
+    def validate(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch signature
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.validate()
+
+
+class Sparse24Linear(_Validated24):
     """A dense-shaped weight (out x in) whose zeros form a 2:4 pattern along `in`.
 
     Exported as a plain MatMul whose constant B = W^T [in, out] is 2:4 along axis 0 (K), the
@@ -181,10 +192,6 @@ class Sparse24Linear(FactorizedLinear):
     def validate(self) -> None:
         check_24(self.weight, "Sparse24Linear weight")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch signature
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.validate()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
@@ -199,7 +206,7 @@ class Sparse24Linear(FactorizedLinear):
         return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "density": round(nz, 4)}
 
 
-class DenseSparseLinear(FactorizedLinear):
+class DenseSparseLinear(_Validated24):
     """W ~ D @ S with D dense (out x k) and S (k x in) 2:4 along `in` (DSFormer).
 
     forward x -> (x S^T) D^T + b: two MatMuls; the first one's constant S^T [in, k] is 2:4
@@ -222,10 +229,6 @@ class DenseSparseLinear(FactorizedLinear):
 
     def validate(self) -> None:
         check_24(self.S, "DenseSparseLinear S")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch signature
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.validate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.S), self.D, self.bias)
