@@ -36,6 +36,15 @@ def _convert_tensor(t: onnx.TensorProto, np_type: type, onnx_type: int) -> onnx.
     return out
 
 
+def _rename(nodes, old: str, new: str, outputs: bool) -> None:
+    """Point every use of tensor `old` (inputs, and outputs too when asked) at `new`."""
+    for node in nodes:
+        for names in (node.input, node.output) if outputs else (node.input,):
+            for j, x in enumerate(names):
+                if x == old:
+                    names[j] = new
+
+
 def to_precision(precision: str) -> Pass:
     """A pass converting the graph's fp32 compute to `precision` ("fp16" | "bf16")."""
     onnx_type, np_type = TARGETS[precision]
@@ -59,22 +68,13 @@ def to_precision(precision: str) -> Pass:
         for inp in g.input:
             if inp.type.tensor_type.elem_type == TensorProto.FLOAT:
                 cast_out = inp.name + "__" + precision
-                for node in g.node:
-                    for j, x in enumerate(node.input):
-                        if x == inp.name:
-                            node.input[j] = cast_out
+                _rename(g.node, inp.name, cast_out, outputs=False)
                 new_nodes.append(helper.make_node("Cast", [inp.name], [cast_out], name=f"fd/precision/in/{inp.name}",
                                                   to=onnx_type))
         for out in g.output:
             if out.type.tensor_type.elem_type == TensorProto.FLOAT:
                 low = out.name + "__" + precision
-                for node in g.node:
-                    for j, x in enumerate(node.output):
-                        if x == out.name:
-                            node.output[j] = low
-                    for j, x in enumerate(node.input):
-                        if x == out.name:
-                            node.input[j] = low
+                _rename(g.node, out.name, low, outputs=True)
                 g.node.append(helper.make_node("Cast", [low], [out.name], name=f"fd/precision/out/{out.name}",
                                                to=TensorProto.FLOAT))
         for k, nd in enumerate(new_nodes):
