@@ -80,6 +80,17 @@ def render_json(path: Path) -> str:
     return markdown(doc["model"], doc["kind"], doc["reference"], doc["rows"], doc["ratios"])
 
 
+def previous_rows(path: Path, calibration: dict) -> list[dict]:
+    """Rows of an earlier run to resume from; refuses one made with other calibration data."""
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    if doc.get("calibration") != calibration:
+        raise click.UsageError(f"{path} was made with calibration {doc.get('calibration')}, not {calibration}; "
+                               "pass the same --calib/--calib-len/--seed or another --out")
+    return doc["rows"]
+
+
 @click.command()
 @click.option("--models", default="minilm,smollm2", show_default=True)
 @click.option("--ratios", default="0.2,0.35,0.5", show_default=True)
@@ -91,8 +102,10 @@ def render_json(path: Path) -> str:
 @click.option("--out", default=None, help="JSON path, {model} is replaced [default: benchmarks/results/compare_methods-{model}.json]")
 @click.option("--render", "render", multiple=True, type=click.Path(exists=True),
               help="only print the table of existing results JSON file(s)")
+@click.option("--resume", is_flag=True,
+              help="keep the rows already in the output JSON and run only the missing (variant, ratio) pairs")
 @click.option("--quiet", is_flag=True)
-def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, render, quiet) -> None:
+def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, render, resume, quiet) -> None:
     set_quiet(quiet)
     if render:
         for p in render:
@@ -108,11 +121,14 @@ def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, 
         t0 = time.perf_counter()
         session = open_session(model, CalibrationConfig(n=calib, length=calib_len, seed=seed), seed=seed)
         kind = session.loaded.kind
-        rows = []
         path = Path(out.replace("{model}", model)) if out else RESULTS / f"compare_methods-{model}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        rows = previous_rows(path, session.calibration.describe()) if resume else []
+        model_ratios = sorted(set(ratio_list) | {r["ratio"] for r in rows})
         for ratio in ratio_list:
             for label, method, opts in chosen:
+                if any(r["label"] == label and r["ratio"] == ratio for r in rows):
+                    continue
                 log(f"== {model} ratio {ratio}: {label}")
                 v = compress_and_score(session, method, ratio, opts)
                 rows.append({"label": label, "method": method, "options": v.options, "ratio": ratio,
@@ -122,11 +138,11 @@ def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, 
                              "extra": {k: x for k, x in v.result.extra.items() if k != "rank_table"}})
                 log(f"   {cell(kind, v.quality)}  bytes -{v.reduction * 100:.1f}%  compress {v.compress_s:.1f}s")
                 doc = {"model": model, "kind": kind, "reference": session.probe.reference,
-                       "calibration": session.calibration.describe(), "ratios": ratio_list,
+                       "calibration": session.calibration.describe(), "ratios": model_ratios,
                        "timings_s": session.timings | {"total": round(time.perf_counter() - t0, 1)},
                        "command": " ".join(sys.argv), "rows": rows}
                 path.write_text(json.dumps(doc, indent=2, default=str))  # after every row: partial runs survive
-        table = markdown(model, kind, session.probe.reference, rows, ratio_list)
+        table = markdown(model, kind, session.probe.reference, rows, model_ratios)
         path.with_suffix(".md").write_text(table + "\n")
         tables.append(table)
         click.echo(table + "\n")
