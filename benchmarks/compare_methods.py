@@ -52,8 +52,9 @@ def _fmt(x: float, nd: int) -> str:
 
 
 def cell(kind: str, q: dict) -> str:
-    if kind == "decoder":
-        return _fmt(q["perplexity"], 2)
+    if kind == "decoder":  # above ~1e4 the model is broken and only the order of magnitude matters
+        ppl = q["perplexity"]
+        return f"{ppl:.2e}" if isinstance(ppl, float) and ppl >= 1e4 else _fmt(ppl, 2)
     return f"{_fmt(q['embedding_cosine_mean'], 3)} / {_fmt(q['polarity_cosine_mean'], 3)} / {_fmt(q['polarity_accuracy'], 3)}"
 
 
