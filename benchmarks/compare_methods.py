@@ -33,6 +33,7 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("svd-whiten + welore alloc", "svd-whiten", {"allocation": "welore"}),
     ("fwsvd + welore alloc", "fwsvd", {"allocation": "welore"}),
     ("welore + finetune", "welore", {"finetune_steps": 100}),
+    ("svd-whiten + finetune", "svd-whiten", {"finetune_steps": 100}),
     # 2:4 (issue 6): sparse24 removes a fixed 46.875% of fp32 bytes whatever --ratio says; compare at
     # equal stored bytes with --ratios 0.46875 (svd / dsformer then store the same bytes).
     ("sparse24 magnitude", "sparse24", {"score": "magnitude"}),

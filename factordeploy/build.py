@@ -166,7 +166,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
             baseline_cached = export_original_cached(loaded, model, baseline_path)
 
     ctx = CompressContext(ratio=cfg.ratio, device=cfg.device, seed=cfg.seed, options=dict(cfg.options))
-    if method.needs_calibration:
+    if method.uses_calibration(ctx.options):
         ctx.calibration = Calibration(loaded, cfg.calib, cfg.device)
     with stage(f"compress ({cfg.method})", timings):
         result: CompressResult = method.compress(model, targets, ctx)

@@ -84,7 +84,7 @@ def compress_copy(session: Session, method: str, ratio: float, options: dict[str
     opts = method_options(method, options)
     model = copy.deepcopy(session.loaded.model)
     ctx = CompressContext(ratio=ratio, device=session.device, seed=session.seed, options=opts,
-                          calibration=session.calibration if m.needs_calibration else None)
+                          calibration=session.calibration if m.uses_calibration(opts) else None)
     torch.manual_seed(session.seed)
     t0 = time.perf_counter()
     result = m.compress(model, list(session.targets), ctx)

@@ -88,6 +88,10 @@ class Method:
     options: ClassVar[tuple[MethodOption, ...]] = ()
     needs_calibration: ClassVar[bool] = False
 
+    def uses_calibration(self, options: dict[str, Any]) -> bool:
+        """Whether this run needs calibration data; options can switch it on (e.g. fine-tuning)."""
+        return self.needs_calibration
+
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         raise NotImplementedError
 

@@ -16,8 +16,7 @@ from torch import nn
 from ..base import CompressContext, CompressResult, register
 from ..fisher import fisher_diagonal, row_importance
 from ..linalg import Factors, row_weighted_svd, singular_values
-from ..objective import TaskObjective
-from .svd import ALLOCATION, LowRankMethod, error_metrics
+from .svd import ALLOCATION, FINETUNE_LR, FINETUNE_STEPS, LowRankMethod, error_metrics
 
 EPS = 1e-5
 
@@ -26,12 +25,12 @@ EPS = 1e-5
 class FWSVDMethod(LowRankMethod):
     name = "fwsvd"
     summary = "Fisher-weighted SVD: output rows weighted by their task-loss Fisher importance"
-    options = (ALLOCATION,)
+    options = (ALLOCATION, FINETUNE_STEPS, FINETUNE_LR)
     needs_calibration = True
 
     def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:
         calib = ctx.require_calibration()
-        self.objective = TaskObjective(calib, model)
+        self.objective = self.task_objective(model, ctx)
         rows = fisher_diagonal(model, targets, calib, self.objective, reduce="row", seed=ctx.seed)
         self.importance = {n: row_importance(r, EPS) for n, r in rows.items()}
 

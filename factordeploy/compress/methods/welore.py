@@ -15,17 +15,11 @@ import torch
 from torch import nn
 
 from ..base import CompressContext, CompressResult, MethodOption, register
-from ..finetune import finetune_factors
 from ..linalg import Factors, truncated_svd
-from ..objective import TaskObjective
-from .svd import LowRankMethod
+from .svd import FINETUNE_LR, FINETUNE_STEPS, LowRankMethod
 
 MIN_REDUCTION = MethodOption("min-reduction", click.FloatRange(0.0, 1.0), 0.5,
                              "WeLore: a matrix becomes low-rank (LRC) only if its rank drops by at least this fraction")
-FINETUNE_STEPS = MethodOption("finetune-steps", click.IntRange(min=0), 0,
-                              "fine-tune only the low-rank factors for K steps on the calibration text before export")
-FINETUNE_LR = MethodOption("finetune-lr", click.FloatRange(min=0.0, min_open=True), 1e-4,
-                           "Adam learning rate for --finetune-steps")
 
 
 @register
@@ -33,15 +27,9 @@ class WeLoreMethod(LowRankMethod):
     name = "welore"
     summary = "WeLore: global threshold on normalised spectra, LRC/N-LRC split, optional LRC-only fine-tuning"
     options = (MIN_REDUCTION, FINETUNE_STEPS, FINETUNE_LR)
-    needs_calibration = True  # only used with --finetune-steps > 0
 
     def allocation(self, ctx: CompressContext) -> str:
         return "welore"
-
-    def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:
-        self.objective = None
-        if ctx.opt("finetune_steps", 0) > 0:  # original embeddings must be captured before any change
-            self.objective = TaskObjective(ctx.require_calibration(), model)
 
     def factor(self, name: str, W: torch.Tensor, rank: int) -> Factors:
         return truncated_svd(W, rank, balanced=True)
@@ -62,11 +50,3 @@ class WeLoreMethod(LowRankMethod):
         result.extra["split"] = split
         result.notes.append(f"WeLore split: {split['lrc']} LRC (low-rank) / {split['nlrc']} N-LRC (dense) matrices, "
                             f"min rank reduction {split['min_reduction']}")
-        steps = ctx.opt("finetune_steps", 0)
-        if steps > 0:
-            assert self.objective is not None
-            log = finetune_factors(model, ctx.calibration, self.objective, steps, ctx.opt("finetune_lr", 1e-4), ctx.seed)
-            s = log.summary()
-            result.extra["finetune"] = s | {"loss": self.objective.description, "losses": [round(x, 5) for x in log.losses]}
-            result.notes.append(f"LRC-only fine-tuning: {steps} steps, lr {s['lr']}, {s['trainable_params']:,} trainable "
-                                f"params; {self.objective.description}; loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}")
