@@ -45,6 +45,7 @@ class BuildConfig:
     backend: str = "auto"
     precision: str = "fp32"
     sparse_weights: bool = False
+    ort_sparse_dict: str = "cost"  # SparseDictMatMul lowering for model.onnx: cost | gather | dense
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
 
@@ -65,6 +66,8 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
     get_method(cfg.method)
+    if cfg.ort_sparse_dict not in ("cost", "gather", "dense"):
+        raise UserError(f"unknown --ort-sparse-dict '{cfg.ort_sparse_dict}'", "use cost, gather or dense")
     check_engine_config(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -190,7 +193,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     pctx = PassContext(layers=factorized, target="ort")
     model_path = tmp / "model.onnx"
     with stage("graph passes (onnx-graphsurgeon)", timings):
-        proto = run_pipeline(onnx.load(str(raw_path)), ort_pipeline(), pctx)
+        proto = run_pipeline(onnx.load(str(raw_path)), ort_pipeline(cfg.ort_sparse_dict), pctx)
         onnx.save_model(proto, str(model_path))
 
     with stage("ONNX Runtime session + optimized model", timings):

@@ -56,11 +56,14 @@ def _method_options(f):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="compute precision of the TensorRT graph (model.onnx stays fp32)")
 @click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
+@click.option("--ort-sparse-dict", type=click.Choice(["cost", "gather", "dense"]), default="cost", show_default=True,
+              help="how model.onnx (ONNX Runtime) runs sparse-dictionary layers: cheapest per layer by modelled cost, "
+                   "gather (compressed form kept: smaller file), or dense (W = S D refolded: fastest on CPU, no size saving)")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @_method_options
 def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, trt_batch, trt_seq, **method_opts):
+          quiet, backend, precision, sparse_weights, ort_sparse_dict, trt_batch, trt_seq, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     from .build import BuildConfig, run_build
     from .compress.base import get_method
@@ -83,7 +86,7 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
-                      sparse_weights=sparse_weights, trt_batch=trt_batch, trt_seq=trt_seq)
+                      sparse_weights=sparse_weights, ort_sparse_dict=ort_sparse_dict, trt_batch=trt_batch, trt_seq=trt_seq)
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "

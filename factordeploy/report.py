@@ -68,6 +68,7 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## Passes", "| pass | nodes before | nodes after | s |", "|---|---:|---:|---:|"]
     for p in r["passes"]:
         lines.append(f"| {p['pass']} | {p['nodes_before']} | {p['nodes_after']} | {p['seconds']} |")
+    lines += pass_notes(r["passes"])
     lines += ["", "## Artifacts", "| artifact | path | size |", "|---|---|---:|"]
     for k, v in r["artifacts"].items():
         lines.append(f"| {k} | `{v}` | {_mb(r['sizes_on_disk'][k])} |")
@@ -75,6 +76,21 @@ def render_markdown(r: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in r["timings_s"].items()]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def pass_notes(passes: list[dict]) -> list[str]:
+    """Pass decisions that change what the artifact is (not just how it was made)."""
+    out = []
+    for p in passes:
+        if p["pass"] == "sparse-dict-ort" and p.get("layers"):
+            out.append("")
+            out.append(f"ONNX Runtime lowering of {p['layers']} sparse-dictionary layers (`--ort-sparse-dict "
+                       f"{p['policy']}`): {p.get('dense', 0)} dense refold, {p.get('gather', 0)} gather.")
+            if p.get("dense"):
+                out[-1] += (" A dense-refolded layer stores W = S D as one dense MatMul in model.onnx, so model.onnx "
+                            "saves no bytes on it (chosen because it is faster on this runtime); "
+                            "`--ort-sparse-dict gather` keeps the compressed form, and the TensorRT graph always does.")
+    return out
 
 
 def render_engine(e: dict | None) -> list[str]:

@@ -272,3 +272,23 @@ def test_shared_dictionary_exports_once_and_lowers():
     x = torch.randn(2, 3, 12)
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], torch.tanh(seq(x)).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["gather", "dense"])
+def test_ort_pipeline_policy_reaches_the_artifact_and_the_report(policy):
+    """`deploy build --ort-sparse-dict` -> ort_pipeline(policy): every layer lowered that way, and
+    the report says when model.onnx holds dense W (no size saving) and how to keep the compressed form."""
+    from factordeploy.passes.pipeline import PassContext, run_pipeline
+    from factordeploy.passes.presets import ort_pipeline
+    from factordeploy.report import pass_notes
+
+    layer = random_layer(k=30, n_in=24, n_out=40, s=3)
+    ctx = PassContext(layers={"l": layer.describe()})
+    out = run_pipeline(_export(layer), ort_pipeline(policy), ctx)
+    has_dense_w = any(list(i.dims) == [24, 40] for i in out.graph.initializer)
+    assert has_dense_w == (policy == "dense")
+    entry = next(p for p in ctx.log if p["pass"] == "sparse-dict-ort")
+    assert (entry["policy"], entry[policy], entry["layers"]) == (policy, 1, 1)
+    text = " ".join(pass_notes(ctx.log))
+    assert f"--ort-sparse-dict {policy}" in text
+    assert ("saves no bytes" in text) == (policy == "dense")

@@ -6,7 +6,7 @@ from .annotate import name_factorized
 from .basic import fold_constants
 from .pipeline import Pass
 from .plugin_nodes import decompose_plugin_nodes, mark_plugin_nodes
-from .sparse_dict import sparse_dict_function, sparse_dict_ort, sparse_dict_trt
+from .sparse_dict import make_sparse_dict_pass, sparse_dict_function, sparse_dict_ort, sparse_dict_trt
 from .sparsity import verify_2to4
 
 
@@ -15,14 +15,15 @@ def common_pipeline() -> list[Pass]:
     return [name_factorized, fold_constants, verify_2to4]
 
 
-def ort_pipeline() -> list[Pass]:
+def ort_pipeline(sparse_dict: str = "cost") -> list[Pass]:
     """Graph for ONNX Runtime: standard ops only (plugin nodes replaced by their decompositions).
 
     name-factorized runs first so the lowered CoSpaDi nodes keep their fd/<layer>/ names;
-    sparse-dict-ort picks gather vs dense per layer (and logs why) before the generic
-    decomposition of the remaining plugin ops.
+    sparse-dict-ort picks gather vs dense per layer (`sparse_dict` = "cost", and logs why) or
+    applies one decomposition to all, before the generic decomposition of the remaining plugin ops.
     """
-    return common_pipeline() + [sparse_dict_ort, decompose_plugin_nodes]
+    lower = sparse_dict_ort if sparse_dict == "cost" else make_sparse_dict_pass(sparse_dict)
+    return common_pipeline() + [lower, decompose_plugin_nodes]
 
 
 def trt_pipeline(precision: str = "fp32") -> list[Pass]:
