@@ -207,3 +207,19 @@ def test_finetune_steps_shared_by_every_lowrank_method(tiny_llama_dir, method):
         else:
             assert "finetune" not in res.extra
     assert losses[20] < 0.97 * losses[0]  # random tiny model: ~10.8 nats -> ~10.2 (svd), more for svd-whiten
+
+
+def test_balance_keeps_the_product_and_equalises_the_factors():
+    """Whitened factors are badly scaled (A ~1e-3, B ~10); balancing must not change B @ A."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(6, 20, generator=g) * 1e-3
+    B = torch.randn(12, 6, generator=g) * 10
+    A[2] = 0.0  # a dead component stays as it is
+    layer = LowRankLinear(A, B)
+    before = layer.dense_weight().detach().clone()
+    layer.balance_()
+    torch.testing.assert_close(layer.dense_weight().detach(), before, rtol=1e-5, atol=1e-6)
+    a, b = layer.A.detach().norm(dim=1), layer.B.detach().norm(dim=0)
+    live = a > 0
+    torch.testing.assert_close(a[live], b[live], rtol=1e-5, atol=0)
+    assert torch.equal(layer.B.detach()[:, 2], B[:, 2])

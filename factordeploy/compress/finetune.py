@@ -38,6 +38,12 @@ def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
 
 
+def balance_lowrank(model: nn.Module) -> int:
+    """Balance every LowRankLinear's factors before training (same product, comparable scales)."""
+    layers = [m.balance_() for m in model.modules() if isinstance(m, LowRankLinear)]
+    return len(layers)
+
+
 def finetune_factors(model: nn.Module, calibration: Calibration, objective: TaskObjective,
                      steps: int, lr: float = 1e-4, seed: int = 0) -> FinetuneLog:
     """`steps` Adam steps over the calibration batches (cycled in order)."""
@@ -46,6 +52,7 @@ def finetune_factors(model: nn.Module, calibration: Calibration, objective: Task
     if steps <= 0 or not params:
         return log
     torch.manual_seed(seed)
+    balance_lowrank(model)  # Adam's per-element step needs A and B on the same scale
     saved = {id(p): p.requires_grad for p in model.parameters()}
     batches = list(calibration.batches())
     try:

@@ -78,6 +78,20 @@ class LowRankLinear(FactorizedLinear):
     def dense_weight(self) -> torch.Tensor:
         return self.B @ self.A
 
+    @torch.no_grad()
+    def balance_(self) -> "LowRankLinear":
+        """Rescale each rank component so A's row and B's column have equal norms (B @ A unchanged).
+
+        Whitened factors come out as A = V^T L^-1 (entries ~1e-3) and B = U S (entries ~10);
+        a uniform-step optimiser like Adam would move A by a large relative amount per step.
+        """
+        a, b = self.A.norm(dim=1), self.B.norm(dim=0)
+        ok = (a > 0) & (b > 0)
+        d = torch.where(ok, (b / torch.where(ok, a, torch.ones_like(a))).sqrt(), torch.ones_like(a))
+        self.A.mul_(d[:, None])
+        self.B.div_(d[None, :])
+        return self
+
     def stored_bytes(self) -> int:
         return tensor_bytes(self.A) + tensor_bytes(self.B)
 
