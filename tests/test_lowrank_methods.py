@@ -223,3 +223,31 @@ def test_balance_keeps_the_product_and_equalises_the_factors():
     live = a > 0
     torch.testing.assert_close(a[live], b[live], rtol=1e-5, atol=0)
     assert torch.equal(layer.B.detach()[:, 2], B[:, 2])
+
+
+def test_hidden_distillation_is_the_relative_token_error():
+    from factordeploy.compress.objective import hidden_distillation
+
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(2, 5, 8, generator=g)
+    assert float(hidden_distillation(t, t)) == 0.0
+    assert float(hidden_distillation(1.5 * t, t)) == pytest.approx(0.25, rel=1e-6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    h = t.clone()
+    h[0, 3:] += 100.0  # padding positions must not count
+    assert float(hidden_distillation(h, t, mask)) == 0.0
+    # unmasked form == dsformer's original MSE / mean square
+    h = t + 0.1 * torch.randn(2, 5, 8, generator=g)
+    ref = torch.nn.functional.mse_loss(h, t) / t.pow(2).mean()
+    assert float(hidden_distillation(h, t)) == pytest.approx(float(ref), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_token_objective_is_zero_at_the_original_encoder(minilm, minilm_calib):
+    from factordeploy.compress.objective import TaskObjective
+
+    model = copy.deepcopy(minilm.model)
+    obj = TaskObjective(minilm_calib, model, encoder_target="tokens")
+    batch = next(iter(minilm_calib.batches()))
+    assert float(obj.loss(model, 0, batch).detach()) == pytest.approx(0.0, abs=1e-10)
+    assert "every token" in obj.description

@@ -30,26 +30,52 @@ def pooled_embedding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
 
 
-class TaskObjective:
-    """loss(model, i, batch) for calibration batch i; build it BEFORE changing the model."""
+def hidden_distillation(h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """||h - t||^2 / ||t||^2 over the (unmasked) tokens: relative error of the last hidden states."""
+    h, t = h.float(), t.float()
+    if mask is not None:
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return ((h - t) ** 2 * m).sum() / (t ** 2 * m).sum().clamp_min(1e-12)
+    return ((h - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
 
-    def __init__(self, calibration: Calibration, model: nn.Module) -> None:
+
+class TaskObjective:
+    """loss(model, i, batch) for calibration batch i; build it BEFORE changing the model.
+
+    `encoder_target` (encoders only): "sentence" distils the pooled sentence embedding (the
+    issue's FWSVD task loss; one target vector per window), "tokens" distils every token's last
+    hidden state (fine-tuning: 128x more targets per window, so it overfits the calibration set
+    less - measured on MiniLM, docs/lowrank-methods.md).
+    """
+
+    def __init__(self, calibration: Calibration, model: nn.Module, encoder_target: str = "sentence") -> None:
+        if encoder_target not in ("sentence", "tokens"):
+            raise ValueError(f"encoder_target must be 'sentence' or 'tokens', not {encoder_target!r}")
         self.calibration = calibration
         self.loaded = calibration.loaded
         self.kind = self.loaded.kind
-        if self.kind == "encoder" and "reference_embeddings" not in calibration.cache:
+        self.encoder_target = encoder_target
+        key = self.cache_key
+        if self.kind == "encoder" and key not in calibration.cache:
             refs = []
             model.eval()
             with torch.no_grad():
                 for batch in calibration.batches():
-                    h = self.loaded.output(model, batch)
-                    refs.append(pooled_embedding(h.float(), batch["attention_mask"]).detach())
-            calibration.cache["reference_embeddings"] = refs
+                    h = self.loaded.output(model, batch).float()
+                    refs.append(h.detach() if encoder_target == "tokens"
+                                else pooled_embedding(h, batch["attention_mask"]).detach())
+            calibration.cache[key] = refs
+
+    @property
+    def cache_key(self) -> str:
+        return "reference_embeddings" if self.encoder_target == "sentence" else "reference_hidden_states"
 
     @property
     def description(self) -> str:
         if self.kind == "decoder":
             return "next-token cross-entropy on the calibration windows"
+        if self.encoder_target == "tokens":
+            return "distillation: ||h - h_orig||^2 / ||h_orig||^2 of every token's last hidden state (original computed before compression)"
         return "distillation: 0.5*||e - e_orig||^2 of L2-normalised mean-pooled sentence embeddings (original computed before compression)"
 
     def loss(self, model: nn.Module, i: int, batch: dict[str, torch.Tensor],
@@ -59,8 +85,10 @@ class TaskObjective:
         if self.kind == "decoder":
             ids = batch["input_ids"]
             return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
+        target = self.calibration.cache[self.cache_key][i].to(out.device)
+        if self.encoder_target == "tokens":
+            return hidden_distillation(out, target, batch["attention_mask"])
         e = pooled_embedding(out, batch["attention_mask"])
-        target = self.calibration.cache["reference_embeddings"][i].to(e.device)
         if sample_targets is not None:
             target = target + torch.randn(target.shape, generator=sample_targets).to(e.device)
         return 0.5 * ((e - target) ** 2).sum(-1).mean()

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from ..base import CompressContext, CompressResult, LayerRecord, Method, MethodOption, register, replace_layer
 from ..layers import DenseSparseLinear, project_24, sparse24_bytes, validate_24_layers
+from ..objective import hidden_distillation
 from ..linalg import output_error, truncated_svd
 from ..targets import set_module
 from ...errors import UserError
@@ -126,7 +127,7 @@ def distill_loss(loaded, model: nn.Module, h_s: torch.Tensor, h_t: torch.Tensor)
             logp_t = F.log_softmax(head(h_t).float(), -1)
         logp_s = F.log_softmax(head(h_s).float(), -1)
         return F.kl_div(logp_s.flatten(0, 1), logp_t.flatten(0, 1), log_target=True, reduction="batchmean")
-    return F.mse_loss(h_s.float(), h_t.float()) / h_t.float().pow(2).mean().clamp_min(1e-12)
+    return hidden_distillation(h_s, h_t)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:

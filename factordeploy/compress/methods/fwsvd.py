@@ -16,6 +16,7 @@ from torch import nn
 from ..base import CompressContext, CompressResult, register
 from ..fisher import fisher_diagonal, row_importance
 from ..linalg import Factors, row_weighted_svd, singular_values
+from ..objective import TaskObjective
 from .svd import ALLOCATION, FINETUNE_LR, FINETUNE_STEPS, LowRankMethod, error_metrics
 
 EPS = 1e-5
@@ -30,7 +31,7 @@ class FWSVDMethod(LowRankMethod):
 
     def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:
         calib = ctx.require_calibration()
-        self.objective = self.task_objective(model, ctx)
+        self.objective = TaskObjective(calib, model)  # the task loss (encoders: sentence embeddings)
         rows = fisher_diagonal(model, targets, calib, self.objective, reduce="row", seed=ctx.seed)
         self.importance = {n: row_importance(r, EPS) for n, r in rows.items()}
 

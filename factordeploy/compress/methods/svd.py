@@ -38,9 +38,10 @@ class LowRankMethod(Method):
         return self.needs_calibration or options.get("finetune_steps", 0) > 0
 
     def task_objective(self, model: nn.Module, ctx: CompressContext) -> TaskObjective:
-        """The model's own loss against the ORIGINAL outputs; built once, before any layer changes."""
+        """The fine-tuning loss (encoders: token-level distillation against the ORIGINAL model),
+        built once, before any layer changes."""
         if self._objective is None:
-            self._objective = TaskObjective(ctx.require_calibration(), model)
+            self._objective = TaskObjective(ctx.require_calibration(), model, encoder_target="tokens")
         return self._objective
 
     def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:
