@@ -15,29 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .spec import OpSpec
-
-
-class _TorchAlgebra:
-    """ShapeAlgebra on torch sizes (ints or SymInts)."""
-
-    def const(self, v: int) -> int:
-        return int(v)
-
-    def add(self, a: Any, b: Any) -> Any:
-        return a + b
-
-    def sub(self, a: Any, b: Any) -> Any:
-        return a - b
-
-    def mul(self, a: Any, b: Any) -> Any:
-        return a * b
-
-    def floordiv(self, a: Any, b: Any) -> Any:
-        return a // b
-
-    def ceildiv(self, a: Any, b: Any) -> Any:
-        return -(-a // b)
+from .spec import IntAlgebra, OpSpec
 
 
 def emit(spec: OpSpec, inputs: Sequence[Any], attrs: dict | None = None, out_dtype: Any = None) -> Any:
@@ -48,7 +26,7 @@ def emit(spec: OpSpec, inputs: Sequence[Any], attrs: dict | None = None, out_dty
         raise NotImplementedError(f"{spec.name}: emit() handles single-output ops")
     values = spec.attr_values(attrs)
     dims = [list(t.shape) for t in inputs]
-    shape = spec.output_shapes(dims, values, _TorchAlgebra())[0]
+    shape = spec.output_shapes(dims, values, IntAlgebra())[0]
     dtype = out_dtype if out_dtype is not None else next(
         (t.dtype for t, k in zip(inputs, spec.input_types) if k == "T"), torch.float32)
     return torch.onnx.ops.symbolic(f"{spec.domain}::{spec.name}", list(inputs), values, dtype=dtype, shape=shape,

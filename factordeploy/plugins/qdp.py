@@ -66,9 +66,9 @@ def register_qdp(trt: Any, spec: OpSpec) -> bool:
     attrs = [P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=_annot(a.kind)) for a in spec.attrs]
     out_ret = trtp.TensorDesc if spec.num_outputs == 1 else Tuple[tuple([trtp.TensorDesc] * spec.num_outputs)]
 
-    from .export import _TorchAlgebra
+    from .spec import IntAlgebra
 
-    class _ExprAlgebra(_TorchAlgebra):
+    class _ExprAlgebra(IntAlgebra):
         """The same shape algebra on QDP's symbolic sizes; only ceil-division differs."""
 
         def ceildiv(self, a: Any, b: Any) -> Any:

@@ -41,7 +41,8 @@ class ShapeAlgebra(Protocol):
 
 
 class IntAlgebra:
-    """ShapeAlgebra on plain ints (reference checks, ORT-side shape inference)."""
+    """ShapeAlgebra with Python operators: plain ints (reference checks), torch SymInts (export),
+    and QDP's symbolic sizes (plugins/qdp.py overrides only ceildiv)."""
 
     def const(self, v: int) -> int:
         return int(v)

@@ -76,10 +76,6 @@ def gather_codes_kernel(z_ptr, idx_ptr, val_ptr, b_ptr, y_ptr, M, OUT, S,
              mask=mm[:, None] & mo[None, :])
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def sparse_dict_matmul(x, D, idx, val, bias=None, out=None, z=None):
     """y = x @ (S D)^T (+ bias) for x [..., in], D [k, in], idx/val [s, out]; torch tensors.
 
@@ -96,12 +92,12 @@ def sparse_dict_matmul(x, D, idx, val, bias=None, out=None, z=None):
         z = torch.empty((M, k), device=x.device, dtype=torch.float32)
     y = out if out is not None else torch.empty((*x.shape[:-1], n_out), device=x.device, dtype=x.dtype)
     y2 = y.view(-1, n_out)
-    dict_matmul_kernel[(cdiv(M, BLOCK_M), cdiv(k, BLOCK_K))](
+    dict_matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(k, BLOCK_K))](
         x2, D, z, M, k, n_in, x2.stride(0), x2.stride(1), D.stride(0), D.stride(1), z.stride(0), z.stride(1),
         IEEE=int(x.dtype == torch.float32), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     b = bias if bias is not None else val  # any pointer; unused when HAS_BIAS=0
-    gather_codes_kernel[(cdiv(M, BLOCK_M), cdiv(n_out, BLOCK_O))](
+    gather_codes_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(n_out, BLOCK_O))](
         z, idx, val, b, y2, M, n_out, s, z.stride(0), z.stride(1), idx.stride(0), idx.stride(1),
         val.stride(0), val.stride(1), y2.stride(0), y2.stride(1),
         HAS_BIAS=int(bias is not None), BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, num_warps=NUM_WARPS, num_stages=NUM_STAGES)

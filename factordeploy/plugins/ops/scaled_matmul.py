@@ -53,6 +53,7 @@ def decompose(graph: Any, node: Any, attrs: dict) -> list[Any]:
 def launch(inputs: list, outputs: list, attrs: dict) -> Launch:
     """The exact launch `enqueue` performs: x viewed as [M, K], grid over (M, N) tiles."""
     import torch
+    import triton
 
     from ..kernels import scaled_matmul as k
 
@@ -62,7 +63,7 @@ def launch(inputs: list, outputs: list, attrs: dict) -> Launch:
     x2 = x.reshape(-1, K)
     y2 = y.view(-1, N)
     M = int(x2.shape[0])
-    grid = (triton_cdiv(M, k.BLOCK_M), triton_cdiv(N, k.BLOCK_N))
+    grid = (triton.cdiv(M, k.BLOCK_M), triton.cdiv(N, k.BLOCK_N))
     return Launch(k.scaled_matmul_kernel, grid,
                   (x2, w, y2, M, N, K, x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
                    y2.stride(0), y2.stride(1), float(attrs["alpha"])),
@@ -79,10 +80,6 @@ def example(scale: int, dtype, device: str) -> tuple[list, dict]:
     x = torch.randn(8, 16 * scale, 384, generator=g).to(dtype=dtype, device=device)
     w = (torch.randn(384, 1536, generator=g) / 20).to(dtype=dtype, device=device)
     return [x, w], {"alpha": 0.5, "relu": 1}
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 SPEC = register_op(OpSpec(
