@@ -66,21 +66,14 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
           quiet, backend, precision, sparse_weights, ort_sparse_dict, trt_batch, trt_seq, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     from .build import BuildConfig, run_build
-    from .compress.base import get_method
+    from .compress.base import method_options
     from .compress.calibration import CalibrationConfig
     from .progress import set_quiet
 
     set_quiet(quiet)
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
-    m = get_method(method)
-    declared = {o.key: o.default for o in m.options}
-    given = {k: v for k, v in method_opts.items() if v is not None}
-    foreign = sorted(k for k in given if k not in declared)
-    if foreign:
-        raise UserError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to method '{method}'",
-                        f"see `deploy methods` for what {method} takes")
-    options = declared | given
+    options = method_options(method, method_opts)
     cfg = BuildConfig(model=model, method=method, ratio=ratio, out=out or f"build/{model.replace('/', '_')}-{method}",
                       device=device, seed=seed, options=options,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),

@@ -14,24 +14,11 @@ from typing import Any
 
 import torch
 
-from .compress.base import CompressContext, CompressResult, get_method
+from .compress.base import CompressContext, CompressResult, get_method, method_options  # noqa: F401 (re-export)
 from .compress.calibration import Calibration, CalibrationConfig
 from .compress.targets import DEFAULT_EXCLUDE, find_targets
-from .errors import UserError
 from .models.registry import LoadedModel, load_model
 from .verify.quality import EvalConfig, QualityProbe
-
-
-def method_options(method: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The method's declared defaults overlaid with `given` (keys with underscores); foreign keys rejected."""
-    m = get_method(method)
-    declared = {o.key: o.default for o in m.options}
-    given = {k.replace("-", "_"): v for k, v in (given or {}).items() if v is not None}
-    foreign = sorted(k for k in given if k not in declared)
-    if foreign:
-        raise UserError(f"option(s) {', '.join(foreign)} do not apply to method '{method}'",
-                        f"see `deploy methods` for what {method} takes")
-    return declared | given
 
 
 @dataclass

@@ -138,6 +138,18 @@ def get_method(name: str) -> Method:
     return methods[name]()
 
 
+def method_options(method: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The method's declared defaults overlaid with `given` (None = not given); foreign keys rejected."""
+    m = get_method(method)
+    declared = {o.key: o.default for o in m.options}
+    given = {k.replace("-", "_"): v for k, v in (given or {}).items() if v is not None}
+    foreign = sorted(k for k in given if k not in declared)
+    if foreign:
+        raise UserError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to method '{method}'",
+                        f"see `deploy methods` for what {method} takes")
+    return declared | given
+
+
 def all_options() -> list[MethodOption]:
     """Union of every method's options (same name must mean the same flag)."""
     seen: dict[str, MethodOption] = {}

@@ -17,7 +17,7 @@ from ..base import CompressContext, CompressResult, register
 from ..fisher import fisher_diagonal, row_importance
 from ..linalg import Factors, row_weighted_svd, singular_values
 from ..objective import TaskObjective
-from .svd import ALLOCATION, FINETUNE_LR, FINETUNE_STEPS, LowRankMethod, error_metrics
+from .svd import LowRankMethod, error_metrics
 
 EPS = 1e-5
 
@@ -26,7 +26,6 @@ EPS = 1e-5
 class FWSVDMethod(LowRankMethod):
     name = "fwsvd"
     summary = "Fisher-weighted SVD: output rows weighted by their task-loss Fisher importance"
-    options = (ALLOCATION, FINETUNE_STEPS, FINETUNE_LR)
     needs_calibration = True
 
     def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:

@@ -13,14 +13,13 @@ from torch import nn
 
 from ..base import CompressContext, register
 from ..linalg import Factors, gram_factor, singular_values, whitened_svd
-from .svd import ALLOCATION, FINETUNE_LR, FINETUNE_STEPS, LowRankMethod, error_metrics
+from .svd import LowRankMethod, error_metrics
 
 
 @register
 class SVDWhitenMethod(LowRankMethod):
     name = "svd-whiten"
     summary = "activation-aware SVD: SVD of W L with L L^T = X^T X (calibration Gram), un-whitened"
-    options = (ALLOCATION, FINETUNE_STEPS, FINETUNE_LR)
     needs_calibration = True
 
     def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:
