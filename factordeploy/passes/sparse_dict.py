@@ -23,13 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
+from ..plugins import DOMAIN
 from .annotate import layer_of
-from .pipeline import PassContext, graph_pass
+from .pipeline import Pass, PassContext, graph_pass
 
 OP_TYPE = "SparseDictMatMul"
-DOMAIN = "factordeploy"
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def decomposition_nodes(node: gs.Node, how: str, cache: dict) -> list[gs.Node]:
         gs.Node("MatMul", f"{base}/MatMul_dict", inputs=[x, Dt], outputs=[z]),
         gs.Node("Reshape", f"{base}/Reshape_tokens", inputs=[z, c("flat", np.array([-1, k], dtype=np.int64))], outputs=[z2]),
         gs.Node("Transpose", f"{base}/Transpose_tokens_last", attrs={"perm": [1, 0]}, inputs=[z2], outputs=[zt]),
-        gs.Node("Cast", f"{base}/Cast_idx", attrs={"to": int(onnx_int64())}, inputs=[idx_t], outputs=[ind]),
+        gs.Node("Cast", f"{base}/Cast_idx", attrs={"to": int(onnx.TensorProto.INT64)}, inputs=[idx_t], outputs=[ind]),
         gs.Node("Gather", f"{base}/Gather_atoms", attrs={"axis": 0}, inputs=[zt, ind], outputs=[g]),
         gs.Node("Mul", f"{base}/Mul_values", inputs=[g, val3], outputs=[p]),
         gs.Node("ReduceSum", f"{base}/ReduceSum_atoms", attrs={"keepdims": 0},
@@ -138,12 +139,6 @@ def decomposition_nodes(node: gs.Node, how: str, cache: dict) -> list[gs.Node]:
                 inputs=[lead, c("out", np.array([out_f], dtype=np.int64))], outputs=[oshape]),
         gs.Node("Reshape", f"{base}/Reshape_out", inputs=[rt, oshape], outputs=[y]),
     ]
-
-
-def onnx_int64() -> int:
-    import onnx
-
-    return onnx.TensorProto.INT64
 
 
 def sparse_dict_nodes(graph: gs.Graph) -> list[gs.Node]:
@@ -198,7 +193,7 @@ def sparse_dict_trt(graph: gs.Graph, ctx: PassContext) -> None:
              extra_index_bytes=extra)
 
 
-def local_function() -> "onnx.FunctionProto":
+def local_function() -> onnx.FunctionProto:
     """factordeploy::SparseDictMatMul as an ONNX model-local function (the gather decomposition).
 
     With it, the graph that keeps the custom node for TensorRT also runs on ONNX Runtime, which
@@ -207,7 +202,6 @@ def local_function() -> "onnx.FunctionProto":
     function serves every layer. The node attributes (k, s, out_features, plugin_namespace,
     plugin_version) are declared so ONNX Runtime accepts them; the body does not read them.
     """
-    import onnx
     from onnx import helper as h
 
     def const(name: str, vals: list[int]) -> onnx.NodeProto:
@@ -240,7 +234,7 @@ def local_function() -> "onnx.FunctionProto":
                            attributes=["k", "s", "out_features", "plugin_namespace", "plugin_version"])
 
 
-def _attach(model: "onnx.ModelProto", ctx: PassContext) -> "onnx.ModelProto":
+def _attach(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     if not any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in model.graph.node):
         return model
     if not any(f.domain == DOMAIN and f.name == OP_TYPE for f in model.functions):
@@ -249,11 +243,5 @@ def _attach(model: "onnx.ModelProto", ctx: PassContext) -> "onnx.ModelProto":
     return model
 
 
-def _pass():
-    from .pipeline import Pass
-
-    return Pass("sparse-dict-function", _attach,
-                "ship SparseDictMatMul's standard-op body as an ONNX local function (ORT runs the TRT graph)")
-
-
-sparse_dict_function = _pass()
+sparse_dict_function = Pass("sparse-dict-function", _attach,
+                            "ship SparseDictMatMul's standard-op body as an ONNX local function (ORT runs the TRT graph)")

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from ..compress.layers import violations_24
 from ..errors import UserError
-from .annotate import FD_PREFIX, read_manifest
+from .annotate import FD_PREFIX, factorized_nodes, read_manifest
 from .pipeline import Pass, PassContext
 
 SPARSE_KINDS = ("sparse24", "densesparse")
@@ -54,9 +54,9 @@ class GraphIndex:
     """Constants and producers of a graph, built once for all layers."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.nodes = list(model.graph.node)
+        self.by_layer = factorized_nodes(model)
         self.consts = _constants(model.graph)
-        self.producers = {o: n for n in self.nodes for o in n.output}
+        self.producers = {o: n for n in model.graph.node for o in n.output}
 
 
 def layer_weights(index: GraphIndex, layer: str, kind: str) -> list[tuple[str, np.ndarray, int]]:
@@ -64,7 +64,7 @@ def layer_weights(index: GraphIndex, layer: str, kind: str) -> list[tuple[str, n
     consts, producers = index.consts, index.producers
     prefix = f"{FD_PREFIX}{layer}/{kind}/"
     out = []
-    for n in index.nodes:
+    for n in index.by_layer.get(layer, []):
         if not n.name.startswith(prefix) or n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
             continue
         w = _weight(n.input[1], consts, producers)
