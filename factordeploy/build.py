@@ -202,11 +202,11 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
 
     from .engines.tensorrt_stage import engine_stage
 
-    engine_report, engine_artifacts = engine_stage(cfg, loaded, raw_path, model_path, factorized, tmp, timings)
+    feeds = fidelity_feeds(loaded)
+    engine_report, engine_artifacts = engine_stage(cfg, feeds, raw_path, model_path, factorized, tmp, timings)
     raw_path.unlink()
 
     with stage("verify export (polygraphy: torch vs ONNX Runtime)", timings):
-        feeds = fidelity_feeds(loaded)
         atol, rtol = tolerances(loaded)
         fid = compare_torch_onnx(lambda x: loaded.output(model, x), str(model_path), feeds, loaded.input_names,
                                  loaded.output_name, atol=atol, rtol=rtol, device=cfg.device)

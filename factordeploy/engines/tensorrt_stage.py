@@ -17,8 +17,9 @@ from ..progress import log, stage
 from .trt_module import choose_backend, describe
 
 
-def engine_stage(cfg: Any, loaded: Any, raw_path: Path, model_path: Path, layers: dict, tmp: Path,
+def engine_stage(cfg: Any, feeds: list[dict], raw_path: Path, model_path: Path, layers: dict, tmp: Path,
                  timings: dict) -> tuple[dict, dict[str, Path]]:
+    """`feeds`: the build's real-text inputs (build.fidelity_feeds), for running/checking the engine."""
     from ..passes.pipeline import PassContext, run_pipeline
     from ..passes.presets import trt_pipeline
     from .tensorrt import Range3, TrtBuildConfig, build_engine
@@ -43,10 +44,6 @@ def engine_stage(cfg: Any, loaded: Any, raw_path: Path, model_path: Path, layers
         onnx.save_model(proto, str(trt_onnx))
     report["passes"] = pctx.log
 
-    feeds = None
-    if info.can_run:
-        from ..build import fidelity_feeds
-        feeds = fidelity_feeds(loaded)
     bcfg = TrtBuildConfig(out_dir=tmp, engine_name="model.engine", precision=cfg.precision,
                           sparse_weights=cfg.sparse_weights, batch=Range3.parse(cfg.trt_batch, "batch"),
                           seq=Range3.parse(cfg.trt_seq, "seq"))
@@ -54,7 +51,7 @@ def engine_stage(cfg: Any, loaded: Any, raw_path: Path, model_path: Path, layers
         res = build_engine(trt_onnx, bcfg, info, feeds=feeds, ort_model=model_path)
     if not res.executed and cfg.precision == "fp16" and res.plugin_layers == 0:
         with stage("check the fp16 TensorRT graph on ONNX Runtime", timings):
-            report["trt_graph_on_ort"] = graph_on_ort(trt_onnx, model_path, feeds or _feeds(loaded))
+            report["trt_graph_on_ort"] = graph_on_ort(trt_onnx, model_path, feeds)
     d = res.as_dict()
     for k in ("onnx_path", "engine_path", "log_path", "timing_cache"):
         d[k] = Path(d[k]).name if d[k] else ""
@@ -65,12 +62,6 @@ def engine_stage(cfg: Any, loaded: Any, raw_path: Path, model_path: Path, layers
     if res.timing_cache:
         artifacts["timing_cache"] = Path(res.timing_cache)
     return report, artifacts
-
-
-def _feeds(loaded: Any) -> list[dict]:
-    from ..build import fidelity_feeds
-
-    return fidelity_feeds(loaded)
 
 
 def graph_on_ort(trt_onnx: Path, model_path: Path, feeds: list[dict]) -> dict[str, Any]:
