@@ -15,6 +15,7 @@ from torch import nn
 
 from ..progress import track
 from .calibration import Calibration
+from .grad import train_only
 from .layers import LowRankLinear
 from .objective import TaskObjective
 
@@ -38,10 +39,11 @@ def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
 
 
-def balance_lowrank(model: nn.Module) -> int:
+def balance_lowrank(model: nn.Module) -> None:
     """Balance every LowRankLinear's factors before training (same product, comparable scales)."""
-    layers = [m.balance_() for m in model.modules() if isinstance(m, LowRankLinear)]
-    return len(layers)
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            m.balance_()
 
 
 def finetune_factors(model: nn.Module, calibration: Calibration, objective: TaskObjective,
@@ -53,13 +55,8 @@ def finetune_factors(model: nn.Module, calibration: Calibration, objective: Task
         return log
     torch.manual_seed(seed)
     balance_lowrank(model)  # Adam's per-element step needs A and B on the same scale
-    saved = {id(p): p.requires_grad for p in model.parameters()}
     batches = list(calibration.batches())
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+    with train_only(model, params):
         opt = torch.optim.Adam(params, lr=lr)
         model.eval()
         cycle = itertools.cycle(enumerate(batches))
@@ -70,10 +67,6 @@ def finetune_factors(model: nn.Module, calibration: Calibration, objective: Task
             loss.backward()
             opt.step()
             log.losses.append(float(loss.detach()))
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved[id(p)])
-            p.grad = None
     return log
 
 

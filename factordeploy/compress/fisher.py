@@ -16,6 +16,7 @@ from torch import nn
 
 from ..progress import track
 from .calibration import Calibration
+from .grad import train_only
 from .objective import TaskObjective
 
 
@@ -33,15 +34,9 @@ def fisher_diagonal(model: nn.Module, names: list[str], calibration: Calibration
 def _accumulate(model: nn.Module, names: list[str], calibration: Calibration, objective: TaskObjective,
                 reduce: str, seed: int) -> dict[str, torch.Tensor]:
     weights = {n: model.get_submodule(n).weight for n in names}
-    saved = {id(p): p.requires_grad for p in model.parameters()}
     gen = torch.Generator().manual_seed(seed) if objective.kind == "encoder" else None
     acc: dict[str, torch.Tensor] = {}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.requires_grad_(True)
-            w.grad = None
+    with train_only(model, weights.values()):
         model.eval()
         for i, batch in enumerate(track(calibration.batches(), f"Fisher ({objective.kind} task loss)",
                                         total=calibration.num_batches())):
@@ -52,10 +47,6 @@ def _accumulate(model: nn.Module, names: list[str], calibration: Calibration, ob
                 g2 = g2.sum(1, dtype=torch.float64) if reduce == "row" else g2
                 acc[n] = acc[n] + g2 if n in acc else g2
                 w.grad = None
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved[id(p)])
-            p.grad = None
     return acc
 
 

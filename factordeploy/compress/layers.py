@@ -199,9 +199,9 @@ class Sparse24Linear(_Validated24):
     kind = "sparse24"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        check_24(weight, "Sparse24Linear weight")
         super().__init__(weight.shape[1], weight.shape[0], bias)
         self.weight = nn.Parameter(weight.detach().clone().contiguous())
+        self.validate()
 
     def validate(self) -> None:
         check_24(self.weight, "Sparse24Linear weight")
@@ -232,10 +232,10 @@ class DenseSparseLinear(_Validated24):
     def __init__(self, D: torch.Tensor, S: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         if D.dim() != 2 or S.dim() != 2 or D.shape[1] != S.shape[0]:
             raise ValueError(f"DenseSparseLinear needs D (out x k), S (k x in); got {tuple(D.shape)}, {tuple(S.shape)}")
-        check_24(S, "DenseSparseLinear S")
         super().__init__(S.shape[1], D.shape[0], bias)
         self.D = nn.Parameter(D.detach().clone().contiguous())
         self.S = nn.Parameter(S.detach().clone().contiguous())
+        self.validate()
 
     @property
     def k(self) -> int:
@@ -261,7 +261,7 @@ def validate_24_layers(model: nn.Module) -> int:
     """Check the 2:4 pattern of every Sparse24Linear / DenseSparseLinear in `model`; returns how many."""
     n = 0
     for name, m in model.named_modules():
-        if isinstance(m, (Sparse24Linear, DenseSparseLinear)):
+        if isinstance(m, _Validated24):
             try:
                 m.validate()
             except ValueError as e:
