@@ -88,3 +88,15 @@ def test_fisher_encoder_needs_sampled_targets(minilm, minilm_calib):
     # full per-weight Fisher sums to the row Fisher (same batches, same sampled targets)
     full = fisher_diagonal(model, names[:1], minilm_calib, obj, reduce="none", seed=0)[names[0]]
     torch.testing.assert_close(full.double().sum(1), fisher[names[0]], rtol=1e-5, atol=0)
+
+
+def test_out_of_domain_texts_are_real_and_disjoint_from_calibration():
+    from factordeploy.models import text as t
+
+    calib = set(t.calibration_articles())
+    for name in t.OUT_OF_DOMAIN:
+        docs = t.domain_texts(name)
+        assert len(docs) >= 50 and sum(len(d) for d in docs) > 300_000
+        assert not calib.intersection(docs)
+    assert "bushfire" in " ".join(t.domain_texts("news"))
+    assert "def " in " ".join(t.domain_texts("pydoc"))

@@ -3,6 +3,12 @@
 The split (recorded here, never elsewhere): Wikipedia articles are taken in file order;
 article i goes to EVALUATION when i % 5 == 4, else to CALIBRATION. So the two sets never
 share an article. The polarity sentences are evaluation-only.
+
+Out-of-domain evaluation text (never used for calibration, training or tuning, by any
+stage): `news` is the Lee news corpus in gensim's test data (`lee_background.cor`, ~300
+Australian news stories, one per line); `pydoc` is the Python reference documentation that
+ships with CPython (`pydoc_data.topics`). `domain_texts(name)` is the one way to get any of
+them, so every quality table names the same domains.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from ..errors import UserError
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 POLARITY_FILE = "pang_lee_polarity.cor"
+NEWS_FILE = "lee_background.cor"
 EVAL_EVERY = 5
 
 
@@ -50,6 +57,38 @@ def calibration_articles() -> list[str]:
 
 def evaluation_articles() -> list[str]:
     return [a for i, a in enumerate(wiki_articles()) if i % EVAL_EVERY == EVAL_EVERY - 1]
+
+
+@lru_cache(maxsize=1)
+def news_articles() -> tuple[str, ...]:
+    """Out-of-domain: the Lee news corpus (one story per line)."""
+    with open(_datapath(NEWS_FILE), encoding="latin-1") as f:
+        return tuple(ln.strip() for ln in f if len(ln.strip()) > 200)
+
+
+@lru_cache(maxsize=1)
+def pydoc_articles() -> tuple[str, ...]:
+    """Out-of-domain: CPython's reference documentation topics (technical prose + code)."""
+    from pydoc_data.topics import topics
+
+    return tuple(topics[k].strip() for k in sorted(topics) if len(topics[k].strip()) > 500)
+
+
+IN_DOMAIN = "wiki"
+OUT_OF_DOMAIN = ("news", "pydoc")
+DOMAINS = (IN_DOMAIN, *OUT_OF_DOMAIN)
+
+
+def domain_texts(name: str) -> list[str]:
+    """Evaluation documents of one domain: `wiki` (the held-out Wikipedia split, in domain),
+    `news` or `pydoc` (out of domain: no stage may ever train or calibrate on them)."""
+    if name == "wiki":
+        return evaluation_articles()
+    if name == "news":
+        return list(news_articles())
+    if name == "pydoc":
+        return list(pydoc_articles())
+    raise UserError(f"unknown text domain '{name}'", "use one of " + ", ".join(DOMAINS))
 
 
 def sentences(articles: list[str], min_words: int = 6, max_words: int = 60) -> list[str]:
