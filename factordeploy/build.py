@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .compress.base import CompressContext, CompressResult, get_method
 from .compress.calibration import Calibration, CalibrationConfig
+from .attention import AttentionConfig, check_attention, check_supported, default_block, install_combiner
 from .compress.targets import DEFAULT_EXCLUDE, find_targets
 from .errors import UserError
 from .models.registry import LoadedModel, load_model
@@ -48,6 +49,9 @@ class BuildConfig:
     ort_sparse_dict: str = "cost"  # SparseDictMatMul lowering for model.onnx: cost | gather | dense
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
+    # structured attention (attention/): full | combiner-fixed | combiner-logsparse | combiner-axial
+    attention: str = "full"
+    attention_block: int = 0  # 0 = about sqrt of the --seq opt length
 
 
 @dataclass
@@ -69,6 +73,7 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.ort_sparse_dict not in ("cost", "gather", "dense"):
         raise UserError(f"unknown --ort-sparse-dict '{cfg.ort_sparse_dict}'", "use cost, gather or dense")
     check_engine_config(cfg)
+    check_attention(attention_config(cfg))
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
@@ -98,6 +103,19 @@ def check_engine_config(cfg: BuildConfig) -> None:
     Range3.parse(cfg.trt_seq, "seq")
     if cfg.backend in ("trt", "trt-rtx"):
         require(cfg.backend)
+
+
+def attention_config(cfg: BuildConfig, model: torch.nn.Module | None = None) -> AttentionConfig:
+    """--attention/--attention-block against the profile's sequence lengths (opt sets the default block; the
+    maximum is the --seq max, capped by the model's position table once the model is loaded)."""
+    from .engines.tensorrt import Range3
+
+    seq = Range3.parse(cfg.trt_seq, "seq")
+    max_len = seq.max
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions:
+        max_len = min(max_len, int(positions))
+    return AttentionConfig(kind=cfg.attention, block=cfg.attention_block or default_block(seq.opt), max_len=max_len)
 
 
 def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -151,6 +169,8 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     with stage("load model", timings):
         loaded: LoadedModel = load_model(cfg.model)
         model = loaded.model.to(cfg.device)
+    attn = attention_config(cfg, model)
+    check_supported(model, attn)
     targets = find_targets(model, cfg.include, cfg.exclude)
     if not targets:
         raise UserError(f"model '{cfg.model}' has no nn.Linear layers matching the target patterns",
@@ -173,6 +193,11 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         ctx.calibration = Calibration(loaded, cfg.calib, cfg.device)
     with stage(f"compress ({cfg.method})", timings):
         result: CompressResult = method.compress(model, targets, ctx)
+    attention_report = {"kind": attn.kind}
+    if attn.pattern is not None:
+        with stage(f"attention ({attn.kind}, block {attn.block})", timings):
+            replaced = install_combiner(model, attn)
+        attention_report |= {"block": attn.block, "max_len": attn.max_len, "layers": len(replaced)}
     model.eval()
     params_after, bytes_after = model_bytes(model)
 
@@ -183,7 +208,9 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
 
     raw_path = tmp / "exported.onnx"
     with stage("export compressed", timings):
-        exp = export_onnx(loaded, model, raw_path)
+        # Combiner's structure depends on the length: trace at the longest length built for, so every tree level
+        # has two nodes in the example and the exporter keeps the general (not the single-node) shapes
+        exp = export_onnx(loaded, model, raw_path, **({"seq": attn.max_len} if attn.pattern else {}))
 
     import onnx
 
@@ -235,6 +262,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         "model": {"name": loaded.name, "kind": loaded.kind, "source": loaded.source},
         "method": {"name": cfg.method, "summary": method.summary, "ratio": cfg.ratio, "options": cfg.options,
                    "notes": result.notes, **({"extra": result.extra} if result.extra else {})},
+        "attention": attention_report,
         "calibration": ctx.calibration.describe() if ctx.calibration is not None else None,
         "size": {
             "params_before": params_before, "params_after": params_after,

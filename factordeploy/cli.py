@@ -61,9 +61,15 @@ def _method_options(f):
                    "gather (compressed form kept: smaller file), or dense (W = S D refolded: fastest on CPU, no size saving)")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
+@click.option("--attention", default="full", show_default=True,
+              type=click.Choice(["full", "combiner-fixed", "combiner-logsparse", "combiner-axial"]),
+              help="replace every self-attention core with Combiner structured attention (sub-quadratic)")
+@click.option("--attention-block", type=int, default=0,
+              help="Combiner block (local window) size [default: about sqrt of the --seq opt length]")
 @_method_options
 def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, ort_sparse_dict, trt_batch, trt_seq, **method_opts):
+          quiet, backend, precision, sparse_weights, ort_sparse_dict, trt_batch, trt_seq, attention, attention_block,
+          **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     from .build import BuildConfig, run_build
     from .compress.base import method_options
@@ -79,7 +85,8 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
-                      sparse_weights=sparse_weights, ort_sparse_dict=ort_sparse_dict, trt_batch=trt_batch, trt_seq=trt_seq)
+                      sparse_weights=sparse_weights, ort_sparse_dict=ort_sparse_dict, trt_batch=trt_batch, trt_seq=trt_seq,
+                      attention=attention, attention_block=attention_block)
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "

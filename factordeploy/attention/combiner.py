@@ -85,9 +85,9 @@ def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
     nb = (L + B - 1) // B
     pad = nb * B - L
     valid = torch.ones(b, L, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.to(torch.bool)
-    if pad:
-        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        valid = torch.nn.functional.pad(valid, (0, pad), value=False)
+    # always pad (possibly by 0): a branch on the symbolic length would specialize the exported graph
+    q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    valid = torch.nn.functional.pad(valid, (0, pad), value=False)
     qb = q.reshape(b, kvh, g, nb, B, d)
     kb = k.reshape(b, kvh, 1, nb, B, d)
     vb = v.reshape(b, kvh, 1, nb, B, d)
@@ -132,28 +132,28 @@ def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
     else:
         out = _logsparse(qb, kb, vb, vblk, direct, cfg)
     out = out.reshape(b, h, nb * B, d)
-    return out[:, :, :L] if pad else out
+    return out[:, :, :L]
 
 
 def _logsparse(qb, kb, vb, vblk, direct, cfg: CombinerConfig) -> torch.Tensor:
-    """Spans = siblings of the block's path in a binary tree over blocks (node m at level r: blocks m*2^r..)."""
+    """Spans = siblings of the block's path in a binary tree over blocks (node m at level r: blocks m*2^r..).
+
+    Each level pads the flat token axis to whole nodes and splits it as (-1, 2^r * B): one symbolic dim split
+    by a static size, which export traces without guards on the length.
+    """
     b, kvh, g, nb, B, d = qb.shape
     neg = _neg(qb.dtype)
     blk = torch.arange(nb, device=qb.device)
+    qf, kf, vf = (t.reshape(t.shape[0], t.shape[1], t.shape[2], nb * B, d) for t in (qb, kb, vb))
+    validf = vblk.reshape(b, 1, 1, nb * B)
     logits, values = [], []
     for r in range(cfg.levels(nb)):
-        size = torch.sym_min(2 ** r, nb)                                   # blocks per node (one node once >= nb)
+        size = 2 ** r                                                      # blocks per node
         n_nodes = (nb + size - 1) // size
-        extra = n_nodes * size - nb
-        kn, vn, qn = kb, vb, qb
-        vl = vblk
-        if extra:
-            kn, vn, qn = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, extra)) for t in (kb, vb, qb))
-            vl = torch.nn.functional.pad(vblk, (0, 0, 0, extra), value=False)
-        kn = kn.reshape(b, kvh, 1, n_nodes, size * B, d)
-        vn = vn.reshape(b, kvh, 1, n_nodes, size * B, d)
-        qn = qn.reshape(b, kvh, g, n_nodes, size * B, d)
-        vl = vl.reshape(b, 1, 1, n_nodes, size * B)
+        extra = (n_nodes * size - nb) * B                                  # tokens padded to whole nodes
+        kn, vn, qn = (torch.nn.functional.pad(t, (0, 0, 0, extra)).reshape(t.shape[0], kvh, t.shape[2], -1, size * B, d)
+                      for t in (kf, vf, qf))
+        vl = torch.nn.functional.pad(validf, (0, extra), value=False).reshape(b, 1, 1, -1, size * B)
         node_k = _masked_max(kn, vl.unsqueeze(-1), -2)                     # [b, kvh, 1, n_nodes, d]
         node_q = _masked_max(qn, vl.unsqueeze(-1), -2)                     # [b, kvh, g, n_nodes, d]
         node_v = _span_values(node_q, kn, vn, vl, cfg.scale)              # [b, kvh, g, n_nodes, d]

@@ -102,16 +102,23 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             and not getattr(m, "is_cross_attention", False)]
 
 
-def install_combiner(model: nn.Module, cfg: AttentionConfig) -> list[str]:
-    """Give every self-attention of `model` a Combiner core; returns the module names changed."""
+def check_supported(model: nn.Module, cfg: AttentionConfig) -> list[tuple[str, nn.Module]]:
+    """The model's self-attention modules, or a one-line error when Combiner cannot replace them."""
     check_attention(cfg)
     if cfg.pattern is None:
         return []
-    name = type(model).__name__
     mods = attention_modules(model)
     if not getattr(model, "_supports_attention_backend", False) or not mods:
-        raise UserError(f"--attention {cfg.kind} is not supported for {name}: its attention does not go through "
-                        "transformers' attention interface", "use --attention full for this model")
+        raise UserError(f"--attention {cfg.kind} is not supported for {type(model).__name__}: its attention does "
+                        "not go through transformers' attention interface", "use --attention full for this model")
+    return mods
+
+
+def install_combiner(model: nn.Module, cfg: AttentionConfig) -> list[str]:
+    """Give every self-attention of `model` a Combiner core; returns the module names changed."""
+    mods = check_supported(model, cfg)
+    if not mods:
+        return []
     _register()
     for _, m in mods:
         c = m.config
