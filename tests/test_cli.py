@@ -93,3 +93,16 @@ def test_option_of_another_method_is_rejected(tmp_path):
     if "score" not in names:
         pytest.skip("no method declares --score yet")
     _bad(["--method", "svd", "--score", "wanda"], tmp_path / "o", "do not apply to method 'svd'")
+
+
+def test_attention_block_larger_than_max_length(tmp_path):
+    _bad(["--attention", "combiner-fixed", "--attention-block", "1024", "--seq", "1:128:512"], tmp_path / "o",
+         "--attention-block 1024 is larger than the maximum sequence length 512")
+
+
+def test_attention_on_a_model_without_the_attention_interface(tmp_path, monkeypatch):
+    from transformers import BertModel
+
+    monkeypatch.setattr(BertModel, "_supports_attention_backend", False)
+    _bad(["--model", "minilm", "--attention", "combiner-axial", "--no-eval", "--no-baseline"], tmp_path / "o",
+         "--attention combiner-axial is not supported for BertModel")
