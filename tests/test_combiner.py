@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from factordeploy.attention import AttentionConfig, CombinerConfig, combiner_attention, install_combiner
-from factordeploy.attention.combiner import reference_full
+from factordeploy.ops.combiner_attention.reference import reference_full
 from factordeploy.errors import UserError
 
 
@@ -146,13 +146,11 @@ def test_padded_keys_are_never_read(pattern, causal):
 
 def test_logsparse_symbolic_depth_matches_eager(monkeypatch):
     """Export uses the tree depth of max_len (symbolic L); the extra, empty levels must change nothing."""
-    from factordeploy.attention import combiner as C
-
     q, k, v = _qkv(L=19, seed=3)
     a = combiner_attention(q, k, v, None, _cfg("logsparse", 4, True))
     deep = CombinerConfig(pattern="logsparse", block=4, causal=True, heads=4, kv_heads=2, scale=8 ** -0.5, max_len=512)
     assert deep.levels(128) == 7
-    monkeypatch.setattr(C.CombinerConfig, "levels", lambda self, nb: 7)
+    monkeypatch.setattr(CombinerConfig, "levels", lambda self, nb: 7)
     b = combiner_attention(q, k, v, None, deep)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -1,5 +1,6 @@
-"""`deploy build --attention combiner-*` end to end on tiny random models: the export check under ONNX Runtime
-passes at lengths that are not block multiples (dynamic length, padded batch), and a TensorRT-RTX engine builds."""
+"""`deploy build --attention combiner-*` end to end on tiny random models: one CombinerAttention node per layer in
+the export; lowered to standard ops it matches torch at lengths that are not block multiples (dynamic length,
+padded batch); kept as plugin nodes, the TensorRT-RTX engine builds with one plugin layer per attention."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import importlib.util
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
 
 from factordeploy.cli import main
+from factordeploy.passes.pipeline import PassContext, run_pipeline
+from factordeploy.passes.presets import ort_pipeline
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
 
@@ -32,6 +36,7 @@ def test_tiny_llama_logsparse_builds_trt_rtx(tiny_llama_dir, tmp_path):
     assert rep["attention"] == {"kind": "combiner-logsparse", "block": 8, "max_len": 128, "layers": 2}
     assert rep["fidelity"]["passed"] and rep["fidelity"]["max_abs"] < 1e-4
     assert rep["engine"]["backend"] == "trt-rtx" and rep["engine"]["engine_bytes"] > 0
+    assert rep["engine"]["plugin_layers"] == 2 and rep["engine"]["layer_types"]["custom_layer"] == 2
 
 
 @pytest.mark.parametrize("kind", ["combiner-fixed", "combiner-logsparse", "combiner-axial"])
@@ -44,7 +49,10 @@ def test_exported_graph_matches_torch_at_any_length(tiny_bert_dir, tmp_path, kin
     lm = load_model(str(tiny_bert_dir))
     install_combiner(lm.model, AttentionConfig(kind=kind, block=8, max_len=128))
     export_onnx(lm, lm.model, tmp_path / "m.onnx", seq=128)
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    exported = onnx.load(str(tmp_path / "m.onnx"))
+    assert [n.op_type for n in exported.graph.node if n.domain == "factordeploy"] == ["CombinerAttention"] * 2
+    onnx.save(run_pipeline(exported, ort_pipeline(), PassContext(layers={}, target="ort")), str(tmp_path / "ort.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "ort.onnx"))
     names = {i.name for i in sess.get_inputs()}
     for L in (3, 8, 13, 40, 128):
         ids = np.random.default_rng(L).integers(1000, 2000, (2, L)).astype(np.int64)

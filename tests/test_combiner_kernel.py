@@ -1,5 +1,5 @@
 """The Combiner Triton kernels (ops/combiner_attention/kernel.py) under TRITON_INTERPRET=1 against the torch
-reference (attention/combiner.py): every pattern, causal and bidirectional, grouped KV heads, lengths that are
+reference (ops/combiner_attention/reference.py): every pattern, causal and bidirectional, grouped KV heads, lengths that are
 not block multiples, blocks that are not powers of two, left/right padding."""
 
 from __future__ import annotations
@@ -41,3 +41,22 @@ def test_kernel_tree_depth_beyond_the_length_changes_nothing():
     a = combiner_attention_triton(q, k, v, None, "logsparse", 4, True, 0.25)
     b = combiner_attention_triton(q, k, v, None, "logsparse", 4, True, 0.25, levels=7)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_plugin_launch_matches_the_op_reference():
+    """What TensorRT's enqueue runs (SPEC.launch with the node's attributes) against SPEC.reference."""
+    from factordeploy.ops import get_op
+    from factordeploy.ops.combiner_attention.lowering import op_attrs
+
+    spec = get_op("CombinerAttention")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, 27, 32, generator=g) for n in (6, 2, 2))
+    m = torch.ones(2, 27)
+    m[1, 20:] = 0
+    for pattern in ("fixed", "logsparse", "axial"):
+        attrs = spec.attr_values(op_attrs(CombinerConfig(pattern, 8, True, 6, 2, 32 ** -0.5, max_len=64)))
+        out = torch.empty_like(q)
+        spec.launch([q, k, v, m], [out], attrs)()
+        ref = spec.reference(q, k, v, m, **attrs)[0]
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(out[1, :, :20], ref[1, :, :20], rtol=1e-5, atol=2e-6)

@@ -1,4 +1,4 @@
-"""Combiner attention (torch implementation, factordeploy/attention/combiner.py) vs PyTorch's
+"""Combiner attention (torch implementation, factordeploy/ops/combiner_attention/reference.py) vs PyTorch's
 scaled_dot_product_attention (flash backend), fp16, causal, SmolLM2 head layout (9 query heads,
 3 KV heads, head dim 64), batch 1, L = 1k, 2k, 4k, 8k, 16k, 32k.
 

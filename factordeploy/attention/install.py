@@ -1,7 +1,7 @@
 """Swap a trained model's attention core for Combiner, keeping its trained q/k/v/o projections.
 
 Each self-attention module keeps its own (possibly factorized) q/k/v/o linears and RoPE; only the
-score/softmax/mix core changes: the module gets a `combiner` child (`CombinerAttention`, no weights)
+score/softmax/mix core changes: the module gets a `combiner` child (`CombinerCore`, no weights)
 and the model's attention implementation becomes "combiner", which transformers' attention interface
 dispatches to that child. With a custom implementation transformers hands the attention the plain
 2-D padding mask [b, L] (no L x L mask is ever built), which is what keeps the cost sub-quadratic.
@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .combiner import PATTERNS, CombinerConfig, combiner_attention
+from ..ops.combiner_attention import SPEC
+from ..ops.combiner_attention.lowering import op_attrs
+from ..ops.combiner_attention.reference import PATTERNS, CombinerConfig, combiner_attention
+from ..ops.export import emit
 
 IMPLEMENTATION = "combiner"
 CHOICES = ("full",) + tuple(f"combiner-{p}" for p in PATTERNS)
@@ -54,7 +57,7 @@ def check_attention(cfg: AttentionConfig) -> None:
                         "or raise the --seq max")
 
 
-class CombinerAttention(nn.Module):
+class CombinerCore(nn.Module):
     """The Combiner core of one attention layer: (q [b,h,L,d], k/v [b,kvh,L,d], key_mask [b,L]) -> [b,h,L,d]."""
 
     def __init__(self, cfg: CombinerConfig) -> None:
@@ -63,6 +66,9 @@ class CombinerAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_mask: torch.Tensor | None) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():  # one custom node; passes lower it (ORT) or keep it (TensorRT plugin)
+            mask = q.new_ones(q.shape[0], q.shape[2]) if key_mask is None else key_mask.to(q.dtype)
+            return emit(SPEC, (q, k, v, mask), op_attrs(self.cfg))
         return combiner_attention(q, k, v, key_mask, self.cfg)
 
     def extra_repr(self) -> str:
@@ -124,7 +130,7 @@ def install_combiner(model: nn.Module, cfg: AttentionConfig) -> list[str]:
         c = m.config
         heads = c.num_attention_heads
         kv = getattr(c, "num_key_value_heads", None) or heads
-        m.combiner = CombinerAttention(CombinerConfig(pattern=cfg.pattern, block=cfg.block, causal=bool(m.is_causal),
+        m.combiner = CombinerCore(CombinerConfig(pattern=cfg.pattern, block=cfg.block, causal=bool(m.is_causal),
                                                       heads=heads, kv_heads=kv, scale=float(m.scaling),
                                                       max_len=cfg.max_len))
     model.config._attn_implementation = IMPLEMENTATION

@@ -1,4 +1,4 @@
-"""Triton kernels of Combiner attention (factordeploy/attention/combiner.py is the reference).
+"""Triton kernels of Combiner attention (reference.py is the ground truth).
 
 Two kernels:
 1. `span_summary_kernel`: one program per (batch x query head, span); streams the span's tokens twice:
@@ -190,7 +190,7 @@ def _spans(pattern: str, L: int, B: int, levels: int, device) -> tuple:
 
 
 def combiner_attention_triton(q, k, v, key_mask, pattern: str, block: int, causal: bool, scale: float,
-                              levels: int = 0):
+                              levels: int = 0, out=None):
     """The kernels on torch tensors (GPU, or CPU under TRITON_INTERPRET=1): same contract as the reference."""
     import math
 
@@ -201,11 +201,11 @@ def combiner_attention_triton(q, k, v, key_mask, pattern: str, block: int, causa
     if d & (d - 1) or d < 16:
         raise ValueError(f"head dim {d} must be a power of two >= 16")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    mask = (torch.ones(b, L, device=q.device) if key_mask is None else key_mask.to(q.device)).to(torch.int32).contiguous()
+    mask = (torch.ones(b, L, device=q.device) if key_mask is None else key_mask.to(q.device) > 0).to(torch.int32).contiguous()
     nb = triton.cdiv(L, block)
     BB = max(16, triton.next_power_of_2(block))
     levels = levels or max(1, math.ceil(math.log2(max(nb, 1))))
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     common = dict(D=d, B=block, BB=BB, LEVELS=levels, BS=BLOCK_S, num_warps=NUM_WARPS)
     sk = sv = sok = rv = dummy

@@ -1,4 +1,6 @@
-"""Combiner structured attention (NeurIPS 2021): direct attention to a local set plus span summaries, one softmax.
+"""Combiner structured attention (NeurIPS 2021), the torch reference: a local set plus span summaries, one softmax.
+
+The model-side code (attention/) calls this same function; during ONNX export it emits the op's node instead.
 
 Every query position i attends directly to the positions of its own block (causal: those <= i) and,
 through one summary per span, to every other position: for a span Omega,
