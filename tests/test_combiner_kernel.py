@@ -60,3 +60,16 @@ def test_plugin_launch_matches_the_op_reference():
         ref = spec.reference(q, k, v, m, **attrs)[0]
         torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=2e-6)
         torch.testing.assert_close(out[1, :, :20], ref[1, :, :20], rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("pattern", ["fixed", "logsparse", "axial"])
+def test_kernel_half_precision(pattern):
+    """fp16 inputs take the tensor-core path (fp16 products, fp32 accumulation): close to the fp32 reference."""
+    from factordeploy.ops.combiner_attention.kernel import combiner_attention_triton
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, n, 37, 32, generator=g) for n in (4, 2, 2))
+    ref = combiner_attention(q, k, v, None, CombinerConfig(pattern, 8, True, 4, 2, 32 ** -0.5))
+    got = combiner_attention_triton(q.half(), k.half(), v.half(), None, pattern, 8, True, 32 ** -0.5)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)

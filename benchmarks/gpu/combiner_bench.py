@@ -1,12 +1,12 @@
-"""Combiner attention (torch implementation, factordeploy/ops/combiner_attention/reference.py) vs PyTorch's
-scaled_dot_product_attention (flash backend), fp16, causal, SmolLM2 head layout (9 query heads,
-3 KV heads, head dim 64), batch 1, L = 1k, 2k, 4k, 8k, 16k, 32k.
+"""Combiner attention vs PyTorch's scaled_dot_product_attention (flash backend), fp16, causal, SmolLM2 head
+layout (9 query heads, 3 KV heads, head dim 64), batch 1, L = 1k, 2k, 4k, 8k, 16k, 32k.
 
-Columns: median CUDA-event time of SDPA (flash; keys repeated to 9 heads as HF does for GQA) and of
-each Combiner pattern run eagerly and under torch.compile (the standard-op graph TensorRT gets from
-the ONNX export has the same operations), the speedup over SDPA, and peak allocated memory.
-The fused Triton kernel / TensorRT plugin of issue 13 is not built yet: this measures the standard-op
-path, which materialises the [L, B + L/B] (fixed/axial) or [L, B + log2(L/B)] (logsparse) logits.
+Columns: median CUDA-event time of SDPA (flash; keys repeated to 9 heads as HF does for GQA) and, per
+Combiner pattern, of the Triton kernels (ops/combiner_attention/kernel.py, exactly what the TensorRT
+plugin's enqueue launches: span summaries + fused block attention with online softmax) and of the torch
+reference (ops/combiner_attention/reference.py, eager; the standard-op graph ONNX Runtime / TensorRT get
+without the plugin has the same operations), speedups over SDPA, peak allocated memory, and the kernel's
+max abs error against the reference.
 
     python benchmarks/gpu/combiner_bench.py [--lengths 1024,...,32768] [--block 0 (= sqrt L)] [--runs 20] [--json out.json]
 
@@ -46,6 +46,7 @@ def main() -> None:
         print("combiner_bench: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         sys.exit(2)
     from factordeploy.attention import CombinerConfig, combiner_attention, default_block
+    from factordeploy.ops.combiner_attention.kernel import combiner_attention_triton
 
     dev, dt, h, kvh, d = "cuda", torch.float16, 9, 3, 64
     rows = []
@@ -67,9 +68,15 @@ def main() -> None:
         row["sdpa_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         for p in PATTERNS:
             cfg = CombinerConfig(pattern=p, block=B, causal=True, heads=h, kv_heads=kvh, scale=d ** -0.5, max_len=L)
-            fns = {"eager": lambda cfg=cfg: combiner_attention(q, k, v, None, cfg)}
+            fns = {"kernel": lambda p=p, B=B: combiner_attention_triton(q, k, v, None, p, B, True, d ** -0.5),
+                   "eager": lambda cfg=cfg: combiner_attention(q, k, v, None, cfg)}
             if not a.no_compile:
                 fns["compiled"] = torch.compile(lambda cfg=cfg: combiner_attention(q, k, v, None, cfg))
+            try:
+                err = (fns["kernel"]().float() - fns["eager"]().float()).abs().max().item()
+                row[f"{p}_kernel_max_abs_err"] = round(err, 5)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
             for mode, fn in fns.items():
                 try:
                     torch.cuda.reset_peak_memory_stats()
@@ -82,7 +89,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    modes = ["eager"] + ([] if a.no_compile else ["compiled"])
+    modes = ["kernel", "eager"] + ([] if a.no_compile else ["compiled"])
     print(f"\n{'L':>6} {'B':>4} {'sdpa ms':>9} " + " ".join(f"{p[:5] + '/' + m[:4]:>12}" for p in PATTERNS for m in modes))
     for r in rows:
         cells = " ".join(f"{r.get(f'{p}_{m}_ms') or float('nan'):>12.3f}" for p in PATTERNS for m in modes)

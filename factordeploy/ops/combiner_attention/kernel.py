@@ -78,12 +78,20 @@ def span_summary_kernel(q_ptr, k_ptr, v_ptr, m_ptr, ns_ptr, ne_ptr, sk_ptr, sv_p
 
 
 @triton.jit
-def _fold(m_i, l_i, acc, x, val):
+def _dot(a, b, IEEE: tl.constexpr):
+    """fp32 inputs: exact fp32 products (CPU interpreter, tests); fp16/bf16: tensor cores, fp32 accumulation."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _fold(m_i, l_i, acc, x, val, IEEE: tl.constexpr):
     """Online softmax: fold logits x [BB, S] with values val [S, D] (tl.dot) into the running state."""
     m_new = tl.maximum(m_i, tl.max(x, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(x - m_new[:, None])
-    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p, val, input_precision="ieee")
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot(p.to(val.dtype), val, IEEE)
 
 
 @triton.jit
@@ -99,7 +107,7 @@ def _fold_col(m_i, l_i, acc, x, val):
 def combiner_fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, sk_ptr, sv_ptr, sok_ptr, rv_ptr, loff_ptr, o_ptr,
                         L, nb, n_spans, scale, H, GROUP,
                         D: tl.constexpr, B: tl.constexpr, BB: tl.constexpr, PATTERN: tl.constexpr,
-                        CAUSAL: tl.constexpr, LEVELS: tl.constexpr, BS: tl.constexpr):
+                        CAUSAL: tl.constexpr, LEVELS: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
     # PATTERN: 0 direct only (axial row summaries), 1 fixed, 2 logsparse, 3 axial
     bh = tl.program_id(0)
     qb = tl.program_id(1)
@@ -112,11 +120,11 @@ def combiner_fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, sk_ptr, sv_ptr, sok_ptr, rv_
     rb = tl.arange(0, BB)
     offs = qb * B + rb
     inb = (rb < B) & (offs < L)
-    q = tl.load(qbase + offs[:, None] * D + rd[None, :], mask=inb[:, None], other=0.0).to(tl.float32)
-    k = tl.load(kbase + offs[:, None] * D + rd[None, :], mask=inb[:, None], other=0.0).to(tl.float32)
-    v = tl.load(vbase + offs[:, None] * D + rd[None, :], mask=inb[:, None], other=0.0).to(tl.float32)
+    q = tl.load(qbase + offs[:, None] * D + rd[None, :], mask=inb[:, None], other=0.0)
+    k = tl.load(kbase + offs[:, None] * D + rd[None, :], mask=inb[:, None], other=0.0)
+    v = tl.load(vbase + offs[:, None] * D + rd[None, :], mask=inb[:, None], other=0.0)
     kvalid = inb & (tl.load(m_ptr + b * L + offs, mask=inb, other=0) > 0)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    s = _dot(q, tl.trans(k), IEEE) * scale
     ok = kvalid[None, :]
     if CAUSAL:
         ok = ok & (offs[None, :] <= offs[:, None])
@@ -124,7 +132,8 @@ def combiner_fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, sk_ptr, sv_ptr, sok_ptr, rv_
     m_i = tl.max(s, 1)
     p = tl.exp(s - m_i[:, None])
     l_i = tl.sum(p, 1)
-    acc = tl.dot(p, v, input_precision="ieee")
+    acc = _dot(p.to(v.dtype), v, IEEE)
+    qf = q.to(tl.float32)
 
     if PATTERN == 1:  # fixed: every other block's summary, BS spans per step
         rs = tl.arange(0, BS)
@@ -137,8 +146,8 @@ def combiner_fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, sk_ptr, sv_ptr, sok_ptr, rv_
             allowed = sm & sok & (sid != qb)
             if CAUSAL:
                 allowed = allowed & (sid < qb)
-            x = tl.where(allowed[None, :], tl.dot(q, tl.trans(sk), input_precision="ieee") * scale, NEG)
-            m_i, l_i, acc = _fold(m_i, l_i, acc, x, sv)
+            x = tl.where(allowed[None, :], _dot(q, tl.trans(sk.to(q.dtype)), IEEE) * scale, NEG)
+            m_i, l_i, acc = _fold(m_i, l_i, acc, x, sv.to(q.dtype), IEEE)
     if PATTERN == 2:  # logsparse: the sibling of the block's ancestor at every tree level
         for r in tl.static_range(LEVELS):
             own = qb >> r
@@ -150,7 +159,7 @@ def combiner_fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, sk_ptr, sv_ptr, sok_ptr, rv_
             allowed = (sib < nr) & (tl.load(sok_ptr + bh * n_spans + idx) > 0)
             if CAUSAL:
                 allowed = allowed & (sib < own)
-            x = tl.where(allowed, tl.sum(q * sk[None, :], 1) * scale, NEG)
+            x = tl.where(allowed, tl.sum(qf * sk[None, :], 1) * scale, NEG)
             m_i, l_i, acc = _fold_col(m_i, l_i, acc, x, sv[None, :])
     if PATTERN == 3:  # axial: every other row through the cell in this query's column
         rows = nb
@@ -162,7 +171,7 @@ def combiner_fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, sk_ptr, sv_ptr, sok_ptr, rv_
             live = cm & (tl.load(m_ptr + b * L + cells, mask=cm, other=0) > 0) & (r != qb)
             kc = tl.load(kbase + cells[:, None] * D + rd[None, :], mask=cm[:, None], other=0.0).to(tl.float32)
             rv = tl.load(rv_ptr + (bh * L + cells[:, None]) * D + rd[None, :], mask=cm[:, None], other=0.0)
-            x = tl.where(live, tl.sum(q * kc, 1) * scale, NEG)
+            x = tl.where(live, tl.sum(qf * kc, 1) * scale, NEG)
             m_i, l_i, acc = _fold_col(m_i, l_i, acc, x, rv)
     out = acc / l_i[:, None]
     tl.store(o_ptr + (bh * L + offs[:, None]) * D + rd[None, :], out.to(o_ptr.dtype.element_ty), mask=inb[:, None])
@@ -207,7 +216,7 @@ def combiner_attention_triton(q, k, v, key_mask, pattern: str, block: int, causa
     levels = levels or max(1, math.ceil(math.log2(max(nb, 1))))
     out = torch.empty_like(q) if out is None else out
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
-    common = dict(D=d, B=block, BB=BB, LEVELS=levels, BS=BLOCK_S, num_warps=NUM_WARPS)
+    common = dict(D=d, B=block, BB=BB, LEVELS=levels, BS=BLOCK_S, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS)
     sk = sv = sok = rv = dummy
     loff = torch.zeros(1, dtype=torch.int32, device=q.device)
     n_spans = 1
