@@ -44,6 +44,7 @@ def _export(scope: str, variant: str, block: int, max_len: int, path: Path) -> N
         install_combiner(lm.model, AttentionConfig(kind=variant, block=block, max_len=max_len))
     if scope == "model":
         export_onnx(lm, lm.model, path, batch=1, seq=max_len)
+        _lower(path)
         return
 
     class Layer(torch.nn.Module):
@@ -62,6 +63,17 @@ def _export(scope: str, variant: str, block: int, max_len: int, path: Path) -> N
     with torch.no_grad():
         torch.onnx.export(Layer().eval(), (h,), str(path), dynamo=True, input_names=["hidden"], output_names=["out"],
                           dynamic_shapes={"h": {1: dim}}, opset_version=18, optimize=False, verbose=False)
+    _lower(path)
+
+
+def _lower(path: Path) -> None:
+    """The ORT artifact as `deploy build` makes it: CombinerAttention nodes lowered to their standard-op body."""
+    import onnx
+
+    from factordeploy.passes.pipeline import PassContext, run_pipeline
+    from factordeploy.passes.presets import ort_pipeline
+
+    onnx.save(run_pipeline(onnx.load(str(path)), ort_pipeline(), PassContext(layers={}, target="ort")), str(path))
 
 
 def worker(scope: str, variant: str, block: int, max_len: int, lengths: list[int], runs: int) -> None:
