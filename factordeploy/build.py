@@ -140,7 +140,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     from .export import export_onnx
     from .export.onnx_export import export_original_cached
     from .passes.presets import ort_pipeline
-    from .verify.fidelity import compare_torch_onnx
+    from .verify.fidelity import check_plan, compare_torch_onnx
     from .verify.quality import QualityProbe
 
     torch.manual_seed(cfg.seed)
@@ -202,14 +202,15 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
 
     from .engines.tensorrt_stage import engine_stage
 
-    feeds = fidelity_feeds(loaded)
+    plan = check_plan(loaded, model)  # decoders: prefill + cached decode steps (export/kv_cache.py)
+    feeds = plan.feeds
     engine_report, engine_artifacts = engine_stage(cfg, feeds, raw_path, model_path, factorized, tmp, timings)
     raw_path.unlink()
 
     with stage("verify export (polygraphy: torch vs ONNX Runtime)", timings):
         atol, rtol = tolerances(loaded)
-        fid = compare_torch_onnx(lambda x: loaded.output(model, x), str(model_path), feeds, loaded.input_names,
-                                 loaded.output_name, atol=atol, rtol=rtol, device=cfg.device)
+        fid = compare_torch_onnx(plan.fn, str(model_path), feeds, plan.input_names, plan.output_names,
+                                 atol=atol, rtol=rtol, device=cfg.device)
     if not fid.passed:
         log(f"WARNING: export fidelity check FAILED (max abs {fid.max_abs:.3g} > atol {atol})")
 
@@ -219,7 +220,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         comp_sess = ortmod.session(model_path)
         base_sess = ortmod.session(baseline_path) if cfg.baseline else None
         for b, s in cfg.latency_points:
-            feeds_l = ortmod.random_feeds(loaded.input_names, b, s, vocab)
+            feeds_l = ortmod.session_feeds(comp_sess, b, s, vocab)
             row = {"batch": b, "seq": s, "compressed": asdict(ortmod.measure_latency(comp_sess, feeds_l, cfg.latency_runs))}
             if base_sess is not None:
                 row["original"] = asdict(ortmod.measure_latency(base_sess, feeds_l, cfg.latency_runs))
@@ -257,18 +258,6 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         "baseline_export_cached": baseline_cached,
         "versions": versions(),
     }
-
-
-def fidelity_feeds(loaded: LoadedModel) -> list[dict]:
-    """Real tokenized held-out text at two shapes (dynamic axes exercised)."""
-    from .models import text as textmod
-
-    sents = textmod.sentences(textmod.evaluation_articles())
-    feeds = []
-    for i, (n, max_len) in enumerate(((2, 32), (4, 64))):
-        enc = loaded.encode(sents[i * 8:i * 8 + n], max_len)
-        feeds.append({k: v.numpy() for k, v in enc.items()})
-    return feeds
 
 
 def tolerances(loaded: LoadedModel) -> tuple[float, float]:
