@@ -95,6 +95,38 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
 
 
 @main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--prompt", "prompts", multiple=True, required=True, help="prompt text (repeat for several prompts)")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--sample", is_flag=True, help="sample instead of greedy decoding")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="with --sample")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="with --sample: nucleus mass kept")
+@click.option("--seed", type=int, default=0, show_default=True, help="with --sample")
+@click.option("--model-file", default="model.onnx", show_default=True, help="the ONNX file in FOLDER (e.g. model.int8.onnx)")
+@click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0 = ORT default)")
+@click.option("--ignore-eos", is_flag=True, help="always generate --max-new-tokens tokens")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per prompt (ids, text, timings)")
+def generate(folder, prompts, max_new_tokens, sample, temperature, top_p, seed, model_file, threads, ignore_eos, as_json):
+    """Generate text from a built decoder FOLDER with ONNX Runtime and its KV cache."""
+    import json
+
+    from .serve.generate import SamplingConfig, open_folder
+
+    served = open_folder(folder, model_file=model_file, threads=threads)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+                         seed=seed, eos_ids=served.eos_ids, ignore_eos=ignore_eos)
+    cfg.check()
+    for prompt in prompts:
+        g = served.generate(prompt, cfg)
+        if as_json:
+            click.echo(json.dumps({"prompt": prompt, **g.as_dict()}))
+            continue
+        click.echo(prompt + g.text)
+        click.echo(f"[{len(g.new_ids)} tokens, prefill {g.prefill_s * 1e3:.0f} ms ({len(g.prompt_ids)} tokens), "
+                   f"{g.tokens_per_s:.1f} tokens/s ({served.runner.name})]", err=True)
+
+
+@main.command()
 def methods() -> None:
     """List compression methods and their options."""
     from .compress.base import all_methods

@@ -47,6 +47,12 @@ class CacheSpec:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return cls(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, int(head_dim))
 
+    @classmethod
+    def from_graph_inputs(cls, inputs: list[tuple[str, list]]) -> "CacheSpec":
+        """From an exported graph's (name, shape) inputs: past_key_values.{i}.key [b, heads, past, dim]."""
+        past = [shape for name, shape in inputs if name.startswith("past_key_values.")]
+        return cls(len(past) // 2, int(past[0][1]), int(past[0][3]))
+
     @property
     def past_names(self) -> list[str]:
         return [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
@@ -168,3 +174,4 @@ def check_feeds(spec: CacheSpec, model: nn.Module, prompts: list[np.ndarray], st
             mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
             f = step_inputs(nxt, mask) | spec.past_from_present(out)
     return feeds
+
