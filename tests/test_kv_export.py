@@ -22,7 +22,10 @@ from factordeploy.export.kv_cache import TOTAL, CacheSpec, step_inputs
 from factordeploy.models import load_model
 from factordeploy.passes.pipeline import PassContext, run_pipeline
 from factordeploy.passes.presets import ort_pipeline
+from factordeploy.ops.sparse_dict_matmul import SPEC
 from factordeploy.verify.fidelity import check_plan, compare_torch_onnx
+
+OP = SPEC.name
 
 # One model carries every layer kind (one export: torch.export of a decoder is slow on 2 cores).
 GROUPS = {"svd": ("*q_proj", "*k_proj"), "cospadi": ("*v_proj", "*o_proj"),
@@ -48,7 +51,7 @@ def mixed(tiny_llama_dir, tmp_path_factory):
     exp = export_onnx(loaded, loaded.model, d / "raw.onnx")
     paths = {}
     for policy in ("cost", "gather", "dense"):
-        proto = run_pipeline(onnx.load(str(d / "raw.onnx")), ort_pipeline(policy), PassContext(layers=layers))
+        proto = run_pipeline(onnx.load(str(d / "raw.onnx")), ort_pipeline({OP: policy}), PassContext(layers=layers))
         paths[policy] = d / f"model-{policy}.onnx"
         onnx.save_model(proto, str(paths[policy]))
     return loaded, exp, paths
