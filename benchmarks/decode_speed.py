@@ -188,7 +188,7 @@ def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefil
         del torch_model
     shutil.rmtree(work, ignore_errors=True)
     order = {m: i for i, m in enumerate(methods.split(","))}
-    rows = sorted(doc["rows"], key=lambda x: (x["quantize"], order.get(x["method"], 99), x["ratio"] or 0))
+    rows = sorted(doc["rows"], key=lambda x: (x["quantize"] != "none", order.get(x["method"], 99), x["ratio"] or 0))
     table = render(rows, threads)
     print(table)
     out_path.with_suffix(".md").write_text(table + "\n")
