@@ -33,7 +33,7 @@ def _build(model_dir, out, attention, backend):
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx_bindings not installed")
 def test_tiny_llama_logsparse_builds_trt_rtx(tiny_llama_dir, tmp_path):
     rep = _build(tiny_llama_dir, tmp_path / "b", "combiner-logsparse", "trt-rtx")
-    assert rep["attention"] == {"kind": "combiner-logsparse", "block": 8, "max_len": 128, "layers": 2}
+    assert rep["attention"] == {"kind": "combiner-logsparse", "block": 8, "max_len": 128, "layers": 2, "kv_cache": False}
     assert rep["fidelity"]["passed"] and rep["fidelity"]["max_abs"] < 1e-4
     assert rep["engine"]["backend"] == "trt-rtx" and rep["engine"]["engine_bytes"] > 0
     assert rep["engine"]["plugin_layers"] == 2 and rep["engine"]["layer_types"]["custom_layer"] == 2
