@@ -27,16 +27,20 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _bases(q_ptr, k_ptr, v_ptr, L, H, GROUP, D: tl.constexpr):
+    """This program's (batch x query head) row: its batch index and q / grouped k / v base pointers."""
+    bh = tl.program_id(0)
+    b = bh // H
+    kv = b * (H // GROUP) + (bh % H) // GROUP
+    return bh, b, q_ptr + bh * L * D, k_ptr + kv * L * D, v_ptr + kv * L * D
+
+
+@triton.jit
 def span_summary_kernel(q_ptr, k_ptr, v_ptr, m_ptr, ns_ptr, ne_ptr, sk_ptr, sv_ptr, sok_ptr,
                         L, n_spans, scale, H, GROUP,
                         D: tl.constexpr, BT: tl.constexpr):
-    bh = tl.program_id(0)
+    bh, b, qbase, kbase, vbase = _bases(q_ptr, k_ptr, v_ptr, L, H, GROUP, D)
     n = tl.program_id(1)
-    b = bh // H
-    kvh = (bh % H) // GROUP
-    qbase = q_ptr + bh * L * D
-    kbase = k_ptr + (b * (H // GROUP) + kvh) * L * D
-    vbase = v_ptr + (b * (H // GROUP) + kvh) * L * D
     start = tl.load(ns_ptr + n)
     end = tl.minimum(tl.load(ne_ptr + n), L)
     rd = tl.arange(0, D)
@@ -109,13 +113,8 @@ def combiner_fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, sk_ptr, sv_ptr, sok_ptr, rv_
                         D: tl.constexpr, B: tl.constexpr, BB: tl.constexpr, PATTERN: tl.constexpr,
                         CAUSAL: tl.constexpr, LEVELS: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
     # PATTERN: 0 direct only (axial row summaries), 1 fixed, 2 logsparse, 3 axial
-    bh = tl.program_id(0)
+    bh, b, qbase, kbase, vbase = _bases(q_ptr, k_ptr, v_ptr, L, H, GROUP, D)
     qb = tl.program_id(1)
-    b = bh // H
-    kvh = (bh % H) // GROUP
-    qbase = q_ptr + bh * L * D
-    kbase = k_ptr + (b * (H // GROUP) + kvh) * L * D
-    vbase = v_ptr + (b * (H // GROUP) + kvh) * L * D
     rd = tl.arange(0, D)
     rb = tl.arange(0, BB)
     offs = qb * B + rb
