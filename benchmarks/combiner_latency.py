@@ -4,9 +4,9 @@ and the whole SmolLM2 forward, over sequence lengths; the crossover length and e
     flock /work/locks/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/combiner_latency.py \
         --layer-lengths 512,1024,2048,4096,8192 --model-lengths 512,1024,2048,4096,8192
 
-Each (scope, variant) is exported once with a dynamic length and run in its own process, lengths in
-increasing order, so the process's peak RSS after a length is that length's peak (minus the RSS after the
-session was made = the run's own peak memory). Batch 1, one intra-op thread. Latency: median of --runs
+Each (scope, variant) is exported once with a dynamic length (CombinerAttention lowered as `deploy build`
+does for ONNX Runtime) and run in a fresh process, lengths in increasing order, so the process's peak RSS
+after a length minus the RSS after the session was made is that length's own peak memory. Batch 1, one intra-op thread. Latency: median of --runs
 after one warm-up. Exponent: least-squares slope of log(latency) on log(L). Writes
 benchmarks/results/combiner_latency.json and prints a table.
 """
@@ -76,37 +76,32 @@ def _lower(path: Path) -> None:
     onnx.save(run_pipeline(onnx.load(str(path)), ort_pipeline(), PassContext(layers={}, target="ort")), str(path))
 
 
-def worker(scope: str, variant: str, block: int, max_len: int, lengths: list[int], runs: int) -> None:
+def worker(scope: str, path: Path, lengths: list[int], runs: int) -> None:
+    """Runs an exported artifact in a fresh process (so the export's memory is not in the peak)."""
     import numpy as np
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        t0 = time.perf_counter()
-        _export(scope, variant, block, max_len, path)
-        export_s = time.perf_counter() - t0
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        base = _rss_mb()
-        rng = np.random.default_rng(0)
-        for L in lengths:
-            if scope == "model":
-                ids = rng.integers(100, 40000, size=(1, L), dtype=np.int64)
-                feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            else:
-                feeds = {"hidden": rng.standard_normal((1, L, 576)).astype(np.float32)}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    base = _rss_mb()
+    rng = np.random.default_rng(0)
+    for L in lengths:
+        if scope == "model":
+            ids = rng.integers(100, 40000, size=(1, L), dtype=np.int64)
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        else:
+            feeds = {"hidden": rng.standard_normal((1, L, 576)).astype(np.float32)}
+        sess.run(None, feeds)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
             sess.run(None, feeds)
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                sess.run(None, feeds)
-                times.append((time.perf_counter() - t) * 1e3)
-            times.sort()
-            print(json.dumps({"scope": scope, "variant": variant, "L": L, "median_ms": round(times[len(times) // 2], 2),
-                              "runs": runs, "peak_mb": round(_rss_mb() - base, 1), "export_s": round(export_s, 1)}),
-                  flush=True)
+            times.append((time.perf_counter() - t) * 1e3)
+        times.sort()
+        print(json.dumps({"L": L, "median_ms": round(times[len(times) // 2], 2), "runs": runs,
+                          "peak_mb": round(_rss_mb() - base, 1)}), flush=True)
 
 
 def fit_exponent(rows: list[dict]) -> float | None:
@@ -127,12 +122,16 @@ def main() -> None:
     ap.add_argument("--model-runs", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--worker", nargs=2, metavar=("SCOPE", "VARIANT"), help=argparse.SUPPRESS)
+    ap.add_argument("--export", nargs=3, metavar=("SCOPE", "VARIANT", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--run", nargs=2, metavar=("SCOPE", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.worker:
-        scope = a.worker[0]
+    if a.export or a.run:
+        scope = (a.export or a.run)[0]
         lengths = [int(x) for x in (a.layer_lengths if scope == "layer" else a.model_lengths).split(",") if x]
-        worker(scope, a.worker[1], a.block, max(lengths), lengths, a.runs if scope == "layer" else a.model_runs)
+        if a.export:
+            _export(scope, a.export[1], a.block, max(lengths), Path(a.export[2]))
+        else:
+            worker(scope, Path(a.run[1]), lengths, a.runs if scope == "layer" else a.model_runs)
         return
     rows: list[dict] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -140,14 +139,22 @@ def main() -> None:
         if not lengths:
             continue
         for v in a.variants.split(","):
-            cmd = [sys.executable, __file__, "--worker", scope, v, "--block", str(a.block), "--runs", str(a.runs),
-                   "--model-runs", str(a.model_runs), "--layer-lengths", a.layer_lengths, "--model-lengths", a.model_lengths]
+            common = ["--block", str(a.block), "--runs", str(a.runs), "--model-runs", str(a.model_runs),
+                      "--layer-lengths", a.layer_lengths, "--model-lengths", a.model_lengths]
             print(f"[combiner_latency] {scope} {v} ...", file=sys.stderr, flush=True)
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            got = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+            with tempfile.TemporaryDirectory() as tmp:
+                path = str(Path(tmp) / "m.onnx")
+                t0 = time.perf_counter()
+                p = subprocess.run([sys.executable, __file__, "--export", scope, v, path, *common], env=env,
+                                   capture_output=True, text=True)
+                export_s = round(time.perf_counter() - t0, 1)
+                if p.returncode == 0:
+                    p = subprocess.run([sys.executable, __file__, "--run", scope, path, *common], env=env,
+                                       capture_output=True, text=True)
             if p.returncode != 0:
                 print(f"[combiner_latency] {scope} {v} failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            rows.extend(got)
+            rows.extend({"scope": scope, "variant": v, "export_s": export_s, **json.loads(line)}
+                        for line in p.stdout.splitlines() if line.startswith("{"))
     summary = []
     for scope in ("layer", "model"):
         full = {r["L"]: r for r in rows if r["scope"] == scope and r["variant"] == "full"}
