@@ -106,15 +106,15 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq)
     res = run_build(cfg)
     r = res.report
-    click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "
-               f"export check {'passed' if r['fidelity']['passed'] else 'FAILED'} (max abs {r['fidelity']['max_abs']:.2g})")
-    e = r.get("engine") or {}
+    click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "
+               f"export check {'passed' if r.fidelity.passed else 'FAILED'} (max abs {r.fidelity.max_abs:.2g})")
+    e = r.engine
     if e.get("engine_path"):
         click.echo(f"engine ({e['backend']}, {e['precision']}): {res.out}/{e['engine_path']} {e['engine_bytes'] / 1e6:.2f} MB, "
                    f"{e['layers']} layers, built in {e['build_seconds']:.1f} s; executed: {'yes' if e['executed'] else 'no'} ({e['reason']})")
     elif e:
         click.echo(f"backend: {e['backend']} ({e['reason']})")
-    if not r["fidelity"]["passed"]:
+    if not r.fidelity.passed:
         sys.exit(1)
 
 

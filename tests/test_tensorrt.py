@@ -312,12 +312,13 @@ def test_type_rules_of_spec():
 
 def test_ort_backend_stage_and_report_section(tmp_path):
     from factordeploy.build import BuildConfig, check_engine_config
-    from factordeploy.engines.tensorrt_stage import engine_stage
     from factordeploy.report import render_engine
+    from factordeploy.stages import BuildState, tensorrt
 
-    cfg = BuildConfig(backend="ort")
-    report, artifacts = engine_stage(cfg, None, tmp_path / "raw.onnx", tmp_path / "model.onnx", {}, tmp_path, {})
-    assert report["backend"] == "ort" and artifacts == {} and report["executed"] is False
+    state = BuildState(BuildConfig(backend="ort"), tmp_path)
+    tensorrt(state)
+    report = state.report.engine
+    assert report["backend"] == "ort" and state.artifacts == {} and report["executed"] is False
     md = "\n".join(render_engine(report))
     assert "## Engine backend" in md and "**ort**" in md and "model.onnx" in md
     with pytest.raises(UserError, match="apply to TensorRT engines"):

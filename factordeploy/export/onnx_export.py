@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.registry import LoadedModel
+from ..models.registry import LoadedModel, cache_dir
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf caps a single file at 2 GB
@@ -133,8 +133,6 @@ def export_original_cached(loaded: LoadedModel, model: nn.Module, path: str | Pa
     takes minutes on a small CPU, so it is done once per model version.
     """
     import shutil
-
-    from ..models.registry import cache_dir
 
     cached = cache_dir() / "onnx" / _source_key(loaded, opset) / "model.onnx"
     if cached.exists() and not Path(str(cached) + ".data").exists():

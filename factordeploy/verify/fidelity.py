@@ -1,24 +1,25 @@
-"""Export fidelity with polygraphy: the compressed torch model vs its ONNX under ONNX Runtime.
+"""The build's three output checks as polygraphy runners, each returning a verify.compare.Comparison.
 
-Polygraphy's own PytRunner moves inputs to CUDA, so `TorchRunner` is a CPU/GPU-agnostic
-runner on polygraphy's BaseRunner; the comparison itself is polygraphy's Comparator with
-CompareFunc.simple, so tolerances and statistics mean what polygraphy users expect.
+- `compare_torch_onnx`: the compressed torch model vs model.onnx on ONNX Runtime (export fidelity).
+  Polygraphy's own PytRunner moves inputs to CUDA, so `TorchRunner` is a CPU/GPU-agnostic runner
+  on polygraphy's BaseRunner.
+- `compare_onnx_graphs`: the reduced-precision TensorRT graph vs model.onnx, both on ONNX Runtime.
+- `compare_engine_onnx`: the TensorRT engine (TrtRunner) vs model.onnx.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, CompareFunc
 
 from ..engines.ort import providers
+from .compare import Comparison, compare
 
 
 class TorchRunner(BaseRunner):
@@ -49,40 +50,28 @@ class TorchRunner(BaseRunner):
         pass
 
 
-@dataclass
-class FidelityResult:
-    passed: bool
-    atol: float
-    rtol: float
-    max_abs: float
-    max_rel: float
-    mean_abs: float
-    iterations: int
-    runners: tuple[str, str]
-
-    def as_dict(self) -> dict:
-        return self.__dict__ | {"runners": list(self.runners)}
-
-
 def compare_torch_onnx(fn, onnx_path: str, feeds: list[dict[str, np.ndarray]], input_names: list[str],
-                       output_name: str, atol: float, rtol: float, device: str = "cpu") -> FidelityResult:
+                       output_name: str, atol: float, rtol: float, device: str = "cpu") -> Comparison:
     """Run both on the same real inputs; pass iff every element meets |a-b| <= atol + rtol*|b|."""
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.ERROR  # our report states the statistics; polygraphy's dump is noise
     torch_runner = TorchRunner(fn, input_names, output_name, device, name="torch")
     ort_runner = OnnxrtRunner(SessionFromOnnx(onnx_path, providers=providers()), name="onnxruntime")
-    results = Comparator.run([torch_runner, ort_runner], data_loader=feeds)
-    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
-    groups = [acc] if hasattr(acc, "values") else list(acc)  # newer polygraphy: a sequence of AccuracyResult
-    stats = [it[output_name] for g in groups for iters in g.values() for it in iters]
-    return FidelityResult(
-        passed=all(bool(g) for g in groups),
-        atol=atol,
-        rtol=rtol,
-        max_abs=float(max(s.max_absdiff for s in stats)),
-        max_rel=float(max(s.max_reldiff for s in stats)),
-        mean_abs=float(np.mean([s.mean_absdiff for s in stats])),
-        iterations=len(feeds),
-        runners=("torch", "onnxruntime"),
-    )
+    return compare(torch_runner, ort_runner, feeds, output_name, atol, rtol)
+
+
+def compare_onnx_graphs(reference: str, candidate: str, feeds: list[dict[str, np.ndarray]], atol: float = 1e-2,
+                        rtol: float = 1e-2) -> Comparison:
+    """Two ONNX files on ONNX Runtime (CPU), e.g. the fp16 TensorRT graph vs the fp32 model.onnx: checks
+    the precision pass where the engine cannot run (not TensorRT's kernels)."""
+    ref = OnnxrtRunner(SessionFromOnnx(str(reference), providers=["CPUExecutionProvider"]), name="onnxruntime")
+    cand = OnnxrtRunner(SessionFromOnnx(str(candidate), providers=["CPUExecutionProvider"]), name="onnxruntime-trt-graph")
+    return compare(ref, cand, feeds, None, atol, rtol)
+
+
+def compare_engine_onnx(ptrt, engine_path: str, onnx_path: str, feeds: list[dict[str, np.ndarray]],
+                        atol: float = 1e-3, rtol: float = 1e-3) -> Comparison:
+    """The TensorRT engine (polygraphy TrtRunner) vs model.onnx on ONNX Runtime, on the same real inputs.
+
+    Needs a GPU the engine supports; `ptrt` is polygraphy's TensorRT backend for that TensorRT."""
+    engine = ptrt.TrtRunner(ptrt.EngineFromBytes(ptrt.BytesFromPath(str(engine_path))), name="tensorrt")
+    ort_runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers()), name="onnxruntime")
+    return compare(ort_runner, engine, feeds, None, atol, rtol)

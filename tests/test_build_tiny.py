@@ -1,0 +1,74 @@
+"""The build's stage list on a tiny random model: --out replacement, --calib-data, the typed report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from factordeploy.build import STAGES, BuildConfig, run_build
+from factordeploy.cli import main
+from factordeploy.compress.calibration import Calibration, CalibrationConfig
+from factordeploy.models import load_model
+from factordeploy.models.text import load_user_text
+
+FAST = ["--no-eval", "--no-baseline", "--backend", "ort", "--quiet"]
+
+
+def _cfg(model_dir, out, **kw) -> BuildConfig:
+    return BuildConfig(model=str(model_dir), out=str(out), evaluate=False, baseline=False, backend="ort",
+                       latency_points=((1, 8),), latency_runs=2, calib=CalibrationConfig(n=2, length=16), **kw)
+
+
+def test_stage_list_is_short_and_ordered():
+    names = [f.__name__ for f in STAGES]
+    assert names.index("reference") < names.index("compress") < names.index("evaluate")  # original scored first
+    assert names.index("export") < names.index("ort_graph") < names.index("tensorrt") < names.index("verify_export")
+    assert len(names) <= 20
+
+
+def test_out_replaces_an_existing_deploy_folder(tiny_bert_dir, tmp_path):
+    out = tmp_path / "o"
+    first = run_build(_cfg(tiny_bert_dir, out, ratio=0.5))
+    (out / "stale.txt").write_text("left by someone")
+    second = run_build(_cfg(tiny_bert_dir, out, ratio=0.25))
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"]["ratio"] == 0.25 and rep["report_version"] == 2
+    assert not (out / "stale.txt").exists()  # the old folder was replaced as a whole, not merged into
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .tmp / .old leftovers
+    # the typed report is what report.json holds
+    assert rep["size"]["targeted_bytes_after"] == second.report.size.targeted_bytes_after
+    assert second.report.size.targeted_bytes_after > first.report.size.targeted_bytes_after
+    assert rep["fidelity"]["passed"] is second.report.fidelity.passed is True
+    point = rep["latency"]["points"][0]
+    assert (point["batch"], point["seq"], point["compressed"]["runs"]) == (1, 8, 2)
+    assert 0 < point["compressed"]["median_ms"] <= point["compressed"]["p90_ms"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_calib_data_reaches_the_calibration(tiny_bert_dir, tmp_path, suffix):
+    docs = [f"Document {i} talks about rivers, bridges and the engineers who built them in {1900 + i}." * 3
+            for i in range(6)]
+    f = tmp_path / f"calib{suffix}"
+    f.write_text("\n".join(json.dumps({"text": d}) for d in docs) if suffix == ".jsonl" else "\n\n".join(docs))
+    assert load_user_text(f) == docs
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["build", "--model", str(tiny_bert_dir), "--method", "svd-whiten", "--calib", "3",
+                                  "--calib-len", "16", "--calib-data", str(f), "--out", str(out), *FAST],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    c = json.loads((out / "report.json").read_text())["calibration"]
+    assert (c["source"], c["n"], c["length"]) == (str(f), 3, 16)
+    # every window is a slice of the user's text, tokenized: nothing came from the built-in corpus
+    loaded = load_model(str(tiny_bert_dir))
+    stream = loaded.token_ids(docs)
+    windows = Calibration(loaded, CalibrationConfig(n=3, length=16, text_file=str(f))).windows()
+    assert len(windows) == 3 and all(any(stream[i:i + 16] == w for i in range(len(stream) - 15)) for w in windows)
+
+
+def test_calib_data_missing_file_is_one_line_error(tiny_bert_dir, tmp_path):
+    r = CliRunner().invoke(main, ["build", "--model", str(tiny_bert_dir), "--method", "svd-whiten", "--calib-data",
+                                  str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), *FAST])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "calibration text file not found" in r.output
+    assert not (tmp_path / "o").exists()
