@@ -109,11 +109,12 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "
                f"export check {'passed' if r.fidelity.passed else 'FAILED'} (max abs {r.fidelity.max_abs:.2g})")
     e = r.engine
-    if e.get("engine_path"):
-        click.echo(f"engine ({e['backend']}, {e['precision']}): {res.out}/{e['engine_path']} {e['engine_bytes'] / 1e6:.2f} MB, "
-                   f"{e['layers']} layers, built in {e['build_seconds']:.1f} s; executed: {'yes' if e['executed'] else 'no'} ({e['reason']})")
-    elif e:
-        click.echo(f"backend: {e['backend']} ({e['reason']})")
+    if e is not None and e.result is not None:
+        x = e.result
+        click.echo(f"engine ({e.backend}, {e.precision}): {res.out}/{x.engine_path} {x.engine_bytes / 1e6:.2f} MB, "
+                   f"{x.layers} layers, built in {x.build_seconds:.1f} s; executed: {'yes' if x.executed else 'no'} ({x.reason})")
+    elif e is not None:
+        click.echo(f"backend: {e.backend} ({e.reason})")
     if not r.fidelity.passed:
         sys.exit(1)
 

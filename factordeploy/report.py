@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .engines.tensorrt import EngineResult
 from .verify.compare import Comparison
 
 REPORT_VERSION = 2
@@ -51,6 +52,40 @@ class LatencyReport:
 
 
 @dataclass
+class EngineReport:
+    """The TensorRT stage: which backend and why; for TensorRT the graph passes, the engine build
+    (`EngineResult`, artifact paths as file names) and, where the engine could not run, the fp16
+    TensorRT graph checked on ONNX Runtime. JSON: the version-1 flat layout (result fields inlined)."""
+
+    requested: str
+    backend: str
+    reason: str
+    precision: str
+    note: str | None = None
+    tensorrt: dict[str, Any] | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    result: EngineResult | None = None
+    trt_graph_on_ort: Comparison | None = None
+
+    @property
+    def executed(self) -> bool:
+        return self.result is not None and self.result.executed
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"requested": self.requested, "backend": self.backend, "reason": self.reason,
+                             "precision": self.precision}
+        if self.result is None:
+            d["executed"] = False
+            if self.note:
+                d["note"] = self.note
+            return d
+        d |= {"tensorrt": self.tensorrt, "passes": self.passes}
+        if self.trt_graph_on_ort is not None:
+            d["trt_graph_on_ort"] = self.trt_graph_on_ort.as_dict()
+        return d | self.result.as_dict()
+
+
+@dataclass
 class Report:
     """Everything a build measured; build stages fill it in, `to_dict` is report.json."""
 
@@ -64,7 +99,7 @@ class Report:
     fidelity: FidelityReport | None = None
     quality: dict[str, Any] = field(default_factory=dict)
     latency: LatencyReport | None = None
-    engine: dict[str, Any] = field(default_factory=dict)
+    engine: EngineReport | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
     sizes_on_disk: dict[str, int] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -79,7 +114,8 @@ class Report:
             if f.name in out:
                 continue
             v = getattr(self, f.name)
-            out[f.name] = v.as_dict() if isinstance(v, Comparison) else asdict(v) if hasattr(v, "__dataclass_fields__") else v
+            out[f.name] = (v.as_dict() if isinstance(v, (Comparison, EngineReport))
+                           else asdict(v) if hasattr(v, "__dataclass_fields__") else v)
         return out
 
 

@@ -39,7 +39,7 @@ from .models.registry import LoadedModel, load_model
 from .passes.pipeline import PassContext, run_pipeline
 from .passes.presets import ort_pipeline, trt_pipeline
 from .progress import log, stage
-from .report import FidelityReport, LatencyReport, Report, SizeReport
+from .report import EngineReport, FidelityReport, LatencyReport, Report, SizeReport
 from .verify.fidelity import compare_engine_onnx, compare_onnx_graphs, compare_torch_onnx
 from .verify.quality import EvalConfig, QualityProbe
 
@@ -189,23 +189,21 @@ def tensorrt(s: BuildState) -> None:
     verify/ compares it with model.onnx where it can run (else the reduced-precision graph on ORT)."""
     ec = s.cfg.engine
     choice = choose_backend(ec.backend)
-    e: dict = {"requested": ec.backend, "backend": choice.backend, "reason": choice.reason,
-               "precision": ec.precision if choice.backend != "ort" else "fp32"}
-    s.report.engine = e
+    e = s.report.engine = EngineReport(ec.backend, choice.backend, choice.reason,
+                                       ec.precision if choice.backend != "ort" else "fp32")
     log(f"backend: {choice.backend} ({choice.reason})")
     if choice.backend == "ort":
-        e["executed"] = False
         if ec.precision != "fp32" or ec.sparse_weights:
-            e["note"] = "--precision/--sparse-weights apply to TensorRT engines only; none was built"
+            e.note = "--precision/--sparse-weights apply to TensorRT engines only; none was built"
         return
     info = choice.info
-    e["tensorrt"] = describe(info)
+    e.tensorrt = describe(info)
     trt_onnx = s.folder / "model.trt.onnx"
     pctx = PassContext(layers=s.factorized, target="trt")
     with stage(f"graph passes for TensorRT ({ec.precision})", s.timings):
         proto = run_pipeline(onnx.load(str(s.artifacts["exported"])), trt_pipeline(ec.precision), pctx)
         onnx.save_model(proto, str(trt_onnx))
-    e["passes"] = pctx.log
+    e.passes = pctx.log
     bcfg = TrtBuildConfig(out_dir=s.folder, engine_name="model.engine", precision=ec.precision,
                           sparse_weights=ec.sparse_weights, batch=ec.batch, seq=ec.seq)
     with stage(f"engine build ({info.label})", s.timings):
@@ -220,16 +218,15 @@ def tensorrt(s: BuildState) -> None:
             res.reason = f"engine could not be executed: {type(err).__name__}: {str(err)[:200]}"
     if not res.executed and ec.precision == "fp16" and res.plugin_layers == 0:
         with stage("check the fp16 TensorRT graph on ONNX Runtime", s.timings):
-            e["trt_graph_on_ort"] = compare_onnx_graphs(str(s.artifacts["model"]), str(trt_onnx), s.feeds).as_dict()
-    d = res.as_dict()
-    for k in ("onnx_path", "engine_path", "log_path", "timing_cache"):
-        d[k] = Path(d[k]).name if d[k] else ""
-    e.update(d)
-    log(f"engine: {res.engine_bytes / 1e6:.2f} MB, {res.layers} layers ({res.layer_source}), built in "
-        f"{res.build_seconds:.1f} s; executed: {res.executed} ({res.reason})")
+            e.trt_graph_on_ort = compare_onnx_graphs(str(s.artifacts["model"]), str(trt_onnx), s.feeds)
     s.artifacts |= {"trt_onnx": trt_onnx, "engine": Path(res.engine_path), "trt_log": Path(res.log_path)}
     if res.timing_cache:
         s.artifacts["timing_cache"] = Path(res.timing_cache)
+    for k in ("onnx_path", "engine_path", "log_path", "timing_cache"):  # as named under --out
+        setattr(res, k, Path(getattr(res, k)).name if getattr(res, k) else "")
+    e.result = res
+    log(f"engine: {res.engine_bytes / 1e6:.2f} MB, {res.layers} layers ({res.layer_source}), built in "
+        f"{res.build_seconds:.1f} s; executed: {res.executed} ({res.reason})")
 
 
 def verify_export(s: BuildState) -> None:

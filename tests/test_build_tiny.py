@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -72,3 +73,22 @@ def test_calib_data_missing_file_is_one_line_error(tiny_bert_dir, tmp_path):
                                   str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), *FAST])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "calibration text file not found" in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt_rtx_bindings") is None,
+                    reason="tensorrt_rtx_bindings not installed (scripts/setup.sh installs it)")
+def test_tensorrt_stage_in_the_list_fp16(tiny_bert_dir, tmp_path):
+    """--backend trt-rtx --precision fp16 on a tiny model: engine built ahead of time, not runnable here, so
+    verify/ checks the fp16 TensorRT graph on ONNX Runtime against model.onnx; report.json keeps its layout."""
+    out = tmp_path / "o"
+    res = run_build(dataclasses.replace(_cfg(tiny_bert_dir, out, ratio=0.5), backend="trt-rtx", precision="fp16",
+                                        trt_batch="1:2:4", trt_seq="1:16:32"))
+    e = res.report.engine
+    assert e.backend == "trt-rtx" and e.result is not None and not e.executed
+    assert (out / e.result.engine_path).stat().st_size == e.result.engine_bytes
+    g = e.trt_graph_on_ort
+    assert g is not None and g.runners == ("onnxruntime", "onnxruntime-trt-graph") and not g.nan
+    assert g.max_abs < 0.05 * g.reference_max_abs  # fp16 vs fp32 on the same graph: rounding, not a bug
+    j = json.loads((out / "report.json").read_text())["engine"]
+    assert j["engine_path"] == "model.engine" and j["precision"] == "fp16" and j["executed"] is False
+    assert j["trt_graph_on_ort"]["max_abs"] == g.max_abs and j["passes"][0]["pass"] == "name-factorized"

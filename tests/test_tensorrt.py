@@ -337,8 +337,10 @@ def test_ort_backend_stage_and_report_section(tmp_path):
 
     state = BuildState(BuildConfig(backend="ort"), tmp_path)
     tensorrt(state)
-    report = state.report.engine
-    assert report["backend"] == "ort" and state.artifacts == {} and report["executed"] is False
+    e = state.report.engine
+    assert e.backend == "ort" and e.requested == "ort" and state.artifacts == {} and not e.executed
+    report = e.as_dict()
+    assert report["executed"] is False and "note" not in report
     md = "\n".join(render_engine(report))
     assert "## Engine backend" in md and "**ort**" in md and "model.onnx" in md
     with pytest.raises(UserError, match="apply to TensorRT engines"):

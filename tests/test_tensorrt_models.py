@@ -62,7 +62,8 @@ def test_dense_minilm_builds(dense_engine):
 
 def test_svd_minilm_build_command_writes_engine_log_and_report(svd_build, dense_engine, tmp_path):
     out, report = svd_build
-    e = report.engine
+    e = report.engine.as_dict()
+    assert e["engine_bytes"] == report.engine.result.engine_bytes and report.engine.result.engine_path == "model.engine"
     for f in ("model.onnx", "model.trt.onnx", "model.engine", "trt-build.log", "report.md", "report.json"):
         assert (out / f).exists(), f
     assert e["backend"] == "trt-rtx" and e["requested"] == "trt-rtx" and e["precision"] == "fp32"
@@ -88,7 +89,7 @@ def test_lowrank_fp16_engine_halves_weights(svd_build, tmp_path):
     onnx.save(m16, str(tmp_path / "fp16.trt.onnx"))
     r16 = build_engine(tmp_path / "fp16.trt.onnx", TrtBuildConfig(out_dir=tmp_path / "e16", precision="fp16",
                        batch=Range3(1, 2, 4), seq=Range3(1, 32, 128)), tm.resolve("trt-rtx"))
-    fp32_bytes = report.engine["engine_bytes"]
+    fp32_bytes = report.engine.result.engine_bytes
     assert 0.4 * fp32_bytes < r16.engine_bytes < 0.6 * fp32_bytes
 
     # the fp16 graph TensorRT was given, run by ONNX Runtime against the fp32 model.onnx (padded row included)
