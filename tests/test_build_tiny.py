@@ -92,3 +92,20 @@ def test_tensorrt_stage_in_the_list_fp16(tiny_bert_dir, tmp_path):
     j = json.loads((out / "report.json").read_text())["engine"]
     assert j["engine_path"] == "model.engine" and j["precision"] == "fp16" and j["executed"] is False
     assert j["trt_graph_on_ort"]["max_abs"] == g.max_abs and j["passes"][0]["pass"] == "name-factorized"
+
+
+def test_benchmark_pipeline_runs_the_build_stages_on_copies(tiny_bert_dir):
+    import torch
+
+    from factordeploy.pipeline import compress_and_score, open_session
+    from factordeploy.verify.quality import EvalConfig
+
+    s = open_session(str(tiny_bert_dir), CalibrationConfig(n=2, length=16), eval_cfg=EvalConfig(sentences=16, batch=16))
+    before = {k: v.clone() for k, v in s.loaded.model.state_dict().items()}
+    plain = compress_and_score(s, "svd", 0.5)
+    whitened = compress_and_score(s, "svd-whiten", 0.5)  # calibration statistics come from the shared session
+    assert all(torch.equal(before[k], t) for k, t in s.loaded.model.state_dict().items())  # original untouched
+    # 2 blocks x (4 x 64x64 attention + 64x128 + 128x64 FFN) fp32 weights
+    assert plain.result.bytes_before == whitened.result.bytes_before == 2 * (4 * 64 * 64 + 2 * 64 * 128) * 4
+    assert 0.45 < plain.reduction < 0.55 and s.calibration.tokens_seen > 0
+    assert plain.quality["eval_sentences"] == 16 and plain.quality["embedding_cosine_mean"] < 1.0
