@@ -29,6 +29,7 @@ STAGES: tuple[st.Stage, ...] = (
     st.ort_session,      # ONNX Runtime loads it; optimized model saved beside it
     st.tensorrt,         # backend choice; model.trt.onnx -> engine; engine/graph checks (verify/)
     st.verify_export,    # polygraphy: compressed torch vs model.onnx on real text
+    st.quantize,         # --quantize int8: model.onnx becomes int8; checked and scored again
     st.latency,          # ONNX Runtime latency, original vs compressed
     st.finish,           # artifacts, sizes on disk, versions
 )

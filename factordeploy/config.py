@@ -17,6 +17,7 @@ import torch
 from .compress.base import get_method
 from .compress.calibration import CalibrationConfig
 from .compress.targets import DEFAULT_EXCLUDE
+from .engines.quantize import check_mode
 from .engines.tensorrt import Range3
 from .engines.trt_module import BACKENDS, FULL, RTX, require
 from .errors import UserError
@@ -55,6 +56,7 @@ class BuildConfig:
     backend: str = "auto"
     precision: str = "fp32"
     sparse_weights: bool = False
+    quantize: str = "none"  # none | int8: ONNX Runtime dynamic int8 of model.onnx (engines/quantize.py)
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
@@ -76,6 +78,7 @@ def check_config(cfg: BuildConfig) -> None:
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
     get_method(cfg.method)
     check_policies(cfg.ort_lowering)
+    check_mode(cfg.quantize)
     check_engine_config(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():

@@ -33,6 +33,7 @@ class Comparison:
     reference_max_abs: float
     iterations: int
     runners: tuple[str, str]
+    error_stat: str = "elemwise"  # "mean": pass iff mean |diff| <= atol (quantized artifacts)
 
     @property
     def nan(self) -> bool:
@@ -55,20 +56,20 @@ def quiet_polygraphy(severity: str = "ERROR") -> Iterator[None]:
         G_LOGGER.module_severity = old
 
 
-def compare(reference: Any, candidate: Any, feeds: list[dict[str, np.ndarray]], output: str | None,
-            atol: float, rtol: float) -> Comparison:
-    """Run both polygraphy runners on `feeds`; statistics over `output` (None: every output)."""
+def compare(reference: Any, candidate: Any, feeds: list[dict[str, np.ndarray]], outputs: list[str] | None,
+            atol: float, rtol: float, error_stat: str = "elemwise") -> Comparison:
+    """Run both polygraphy runners on `feeds`; statistics over `outputs` (None: every output)."""
     with quiet_polygraphy():
         results = Comparator.run([reference, candidate], data_loader=feeds)
-        acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+        acc = Comparator.compare_accuracy(
+            results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat=error_stat))
     groups = [acc] if hasattr(acc, "values") else list(acc)  # newer polygraphy: a sequence of AccuracyResult
-    stats = [v for g in groups for iters in g.values() for it in iters for k, v in it.items()
-             if output is None or k == output]
+    keep = (lambda k: True) if outputs is None else (lambda k: k in outputs)  # noqa: E731
+    stats = [v for g in groups for iters in g.values() for it in iters for k, v in it.items() if keep(k)]
     ref_runs = results[0][1]
-    ref_max = max(float(np.abs(np.asarray(r[k], dtype=np.float64)).max())
-                  for r in ref_runs for k in r.keys() if output is None or k == output)
+    ref_max = max(float(np.abs(np.asarray(r[k], dtype=np.float64)).max()) for r in ref_runs for k in r.keys() if keep(k))
     return Comparison(
         passed=all(bool(g) for g in groups), atol=atol, rtol=rtol,
         max_abs=float(max(s.max_absdiff for s in stats)), max_rel=float(max(s.max_reldiff for s in stats)),
         mean_abs=float(np.mean([s.mean_absdiff for s in stats])), reference_max_abs=ref_max,
-        iterations=len(feeds), runners=(reference.name, candidate.name))
+        iterations=len(feeds), runners=(reference.name, candidate.name), error_stat=error_stat)
