@@ -76,7 +76,8 @@ def test_channel_sparse_forward_and_dense_weight(gamma):
 
 def test_channel_sparse_bytes_and_validation():
     layer = csl_layer(out_f=12, in_f=10, r=3, c=4)
-    assert layer.stored_bytes() == 3 * 10 * 4 + 12 * 3 * 4 + 4 * 8 + 12 * 4 * 4 + 2 * 4  # = 446
+    assert layer.stored_bytes() == 3 * 10 * 4 + 12 * 3 * 4 + 4 * 8 + 12 * 4 * 4 + 4  # = 492 (gamma = 1 - gamma)
+    assert csl_layer(out_f=12, in_f=10, r=3, c=4, gamma=0.3).stored_bytes() == 496  # two scalar constants
     with pytest.raises(ValueError, match="gamma"):
         ChannelSparseLowRankLinear(torch.zeros(2, 4), torch.zeros(3, 2), torch.tensor([0]), torch.zeros(3, 1), gamma=1.0)
     with pytest.raises(ValueError, match="Ws"):
@@ -216,3 +217,53 @@ def test_methods_respect_the_budget_and_match_forward(minilm, minilm_calib, meth
     if method == "sltrain":
         d = res.layers[0].after
         assert d["nnz"] == round(0.03 * 384 * 384)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.3])
+def test_lost_exports_as_gather_and_matmul_and_folding_keeps_it_compressed(tmp_path, gamma):
+    """LOST's channel part is standard ONNX (Gather on the input channels + MatMul, no plugin node);
+    after the ORT pipeline (constant folding included) the file holds A, B, W_s and I - never a dense W."""
+    import contextlib
+    import io
+    import warnings
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from factordeploy.passes.annotate import factorized_nodes
+    from factordeploy.passes.pipeline import PassContext, run_pipeline
+    from factordeploy.passes.presets import ort_pipeline
+
+    layer = csl_layer(out_f=48, in_f=40, r=5, c=3, gamma=gamma)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = layer
+
+        def forward(self, x):
+            return torch.relu(self.l(x))
+
+    b, s = torch.export.Dim("b", min=1, max=64), torch.export.Dim("s", min=1, max=512)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = torch.onnx.export(Wrap().eval(), (torch.randn(2, 8, 40),), dynamo=True, input_names=["x"],
+                                output_names=["y"], dynamic_shapes={"x": {0: b, 1: s}}, opset_version=18).model_proto
+    proto = run_pipeline(raw, ort_pipeline(), PassContext(layers={"l": layer.describe()}))
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)  # standard ops only
+    nodes = factorized_nodes(proto)["l"]
+    assert sorted(n.op_type for n in nodes if n.op_type in ("MatMul", "Gather")) == ["Gather", "MatMul", "MatMul", "MatMul"]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    gather = next(n for n in nodes if n.op_type == "Gather")
+    assert gather.input[0] == "x" and inits[gather.input[1]].tolist() == layer.channels.tolist()
+    big = sorted(a.shape for a in inits.values() if a.size > 8)
+    assert big == sorted([(40, 5), (5, 48), (3, 48), (48,)])  # A^T, B^T, W_s^T, bias: no (40, 48)
+    stored = sum(a.nbytes for n, a in inits.items() if n != "l.bias")
+    assert stored == layer.stored_bytes()  # the counted bytes are the bytes on disk
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 7, 40)
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], Wrap()(x).numpy(), rtol=1e-5, atol=1e-4)

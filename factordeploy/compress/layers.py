@@ -506,9 +506,10 @@ class ChannelSparseLowRankLinear(FactorizedLinear):
         return y + self.bias if self.bias is not None else y
 
     def stored_bytes(self) -> int:
-        # + the two scalar constants gamma and 1 - gamma of the exported Muls
+        # + the scalar constants of the exported Muls: gamma and 1 - gamma (one constant when equal)
+        scalars = len({self.gamma, 1.0 - self.gamma})
         return (tensor_bytes(self.A) + tensor_bytes(self.B) + tensor_bytes(self.channels) + tensor_bytes(self.Ws)
-                + 2 * self.A.element_size())
+                + scalars * self.A.element_size())
 
     def describe(self) -> dict:
         return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank,

@@ -47,7 +47,7 @@ class LOSTMethod(SparseLowRankMethod):
 
     def sparse_bytes(self, out_f: int, in_f: int, elem: int, ctx: CompressContext) -> int:
         c = channels_for(in_f, ctx.opt("channel_frac", 0.05))
-        return c * out_f * elem + c * INDEX_BYTES + 2 * elem
+        return c * out_f * elem + c * INDEX_BYTES + 2 * elem  # (one scalar fewer on disk when gamma = 0.5)
 
     def sparse_step(self, name: str, W: torch.Tensor, G: torch.Tensor, ctx: CompressContext,
                     gen: torch.Generator) -> SparseStep:
