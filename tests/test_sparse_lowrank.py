@@ -211,8 +211,8 @@ def test_methods_respect_the_budget_and_match_forward(minilm, minilm_calib, meth
         real = output_error(W0, layer.dense_weight().double(), G) / output_error(W0, torch.zeros_like(W0), G)
         assert real == pytest.approx(rec.metrics["calib_rel_error"], rel=1e-3)
         errs = rec.metrics["error_per_iter"]
-        assert errs[-1] <= errs[0] and len(errs) == 2
-        # same ballpark as whitened SVD at equal bytes (measured: 1.03-1.08x on these MiniLM layers)
+        assert errs[-1] <= errs[0] and len(errs) == 4
+        # same ballpark as whitened SVD at equal bytes (measured: 0.94-1.10x on MiniLM layers)
         assert rec.metrics["calib_rel_error"] < 1.25 * rec.metrics["svd_calib_rel_error"], rec.metrics
     if method == "sltrain":
         d = res.layers[0].after

@@ -29,7 +29,7 @@ from .linalg import damped_gram, gram_factor, whitened_svd
 from ..progress import track
 
 # sparse step: residual (out x in) -> (dense-shaped sparse part, payload for the layer)
-ALT_ITERS = MethodOption("alt-iters", click.IntRange(min=1), 2,
+ALT_ITERS = MethodOption("alt-iters", click.IntRange(min=1), 4,
                          "alternating rounds of whitened SVD and sparse least squares per layer")
 SparseStep = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
 
@@ -85,7 +85,7 @@ class SparseLowRankMethod(Method):
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         grams = ctx.require_calibration().grams(model, targets)
         chol: dict[int, torch.Tensor] = {}
-        iters = int(ctx.opt("alt_iters", 2))
+        iters = int(ctx.opt("alt_iters", 4))
         records, kept_dense, gains = [], 0, []
         for j, name in enumerate(track(targets, f"{self.name} layers")):
             layer = model.get_submodule(name)
