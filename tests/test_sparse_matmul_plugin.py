@@ -54,8 +54,8 @@ def _export(layer) -> onnx.ModelProto:
 @pytest.mark.parametrize("shape", [(3, 33, 17, 20), (37, 70, 130, 900), (1, 64, 64, 4096), (18, 40, 65, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_kernel_matches_reference(shape, dtype):
-    from factordeploy.plugins import get_op
-    from factordeploy.plugins.kernels.sparse_matmul import sparse_matmul
+    from factordeploy.ops import get_op
+    from factordeploy.ops.sparse_matmul.kernel import sparse_matmul
 
     M, n_in, n_out, nnz = shape
     g = torch.Generator().manual_seed(M)
@@ -73,7 +73,7 @@ def test_triton_kernel_matches_reference(shape, dtype):
 
 
 def test_spec_launch_writes_into_the_given_output():
-    from factordeploy.plugins import IntAlgebra, get_op
+    from factordeploy.ops import IntAlgebra, get_op
 
     spec = get_op("SparseMatMul")
     layer = _layer(bias=False)
@@ -96,7 +96,10 @@ def test_export_keeps_one_node_and_ort_lowering_matches_torch(tmp_path):
     node = next(n for n in raw.graph.node if n.op_type == "SparseMatMul")
     idx_init = next(t for t in raw.graph.initializer if t.name == node.input[1])
     assert idx_init.data_type == onnx.TensorProto.INT32 and list(idx_init.dims) == [70]
-    proto = run_pipeline(raw, ort_pipeline(), PassContext(layers={"l": layer.describe()}))
+    ctx = PassContext(layers={"l": layer.describe()})
+    proto = run_pipeline(raw, ort_pipeline(), ctx)
+    log = ctx.info["lower-custom-ops"]["ops"]["SparseMatMul"]
+    assert log["gather"] == 1 and log["dense"] == 0 and list(log["per_layer"]["l"]["modelled_us"]) == ["gather"]
     ops = [n.op_type for n in proto.graph.node]
     assert "SparseMatMul" not in ops and "ScatterND" in ops and "Gather" in ops  # the gather form
     # on disk: the low-rank factors, the int32 indices and the values - no dense S or W
@@ -111,35 +114,33 @@ def test_export_keeps_one_node_and_ort_lowering_matches_torch(tmp_path):
 
 
 def test_cost_choice_keeps_the_artifact_compressed():
-    from factordeploy.plugins.ops.sparse_matmul import choose
+    import numpy as np
 
-    # SLTrain density 3%: the dense refold is modelled faster on a CPU GEMM at 128 tokens, but it
-    # would store 384*1536 values (13x the sparse form's bytes): not eligible
-    how, costs = choose(384, 1536, round(0.03 * 384 * 1536))
-    assert how == "gather"
-    assert costs["dense"]["seconds"] < costs["gather"]["seconds"]
-    assert costs["dense"]["bytes"] == 384 * 1536 * 4 and costs["gather"]["bytes"] == round(0.03 * 384 * 1536) * 8
-    # a half-dense S stores no more as a dense matrix: the faster dense form is chosen
-    assert choose(384, 1536, 384 * 1536 // 2)[0] == "dense"
+    from factordeploy.ops.sparse_matmul.lowering import costs, layer_costs
+
+    attrs = {"in_features": 384, "out_features": 1536}
+    nnz = round(0.03 * 384 * 1536)
+    # SLTrain density 3%: the dense refold is modelled faster on a CPU GEMM at 128 tokens, but it would
+    # store 384*1536 values (12.5x the sparse form's bytes): the cost policy is not offered it
+    c = layer_costs(384, 1536, nnz)
+    assert c["dense"]["seconds"] < c["gather"]["seconds"]
+    assert c["dense"]["bytes"] == 384 * 1536 * 4 and c["gather"]["bytes"] == nnz * 8
+    assert list(costs([None, None, np.zeros(nnz, np.float32)], attrs)) == ["gather"]
+    # a half-dense S stores no more as a dense matrix: both are offered and dense is the faster
+    half = costs([None, None, np.zeros(384 * 1536 // 2, np.float32)], attrs)
+    assert set(half) == {"gather", "dense"} and min(half, key=half.get) == "dense"
 
 
 def test_dense_lowering_matches_torch(tmp_path):
-    import onnx_graphsurgeon as gs
-
-    from factordeploy.plugins.ops.sparse_matmul import decomposition_nodes
+    from factordeploy.passes.pipeline import PassContext, run_pipeline
+    from factordeploy.passes.presets import ort_pipeline
 
     layer = _layer()
-    graph = gs.import_onnx(_export(layer))
-    node = next(n for n in graph.nodes if n.op == "SparseMatMul")
-    new = decomposition_nodes(node, "dense", {"in_features": 40, "out_features": 48})
-    node.outputs.clear()
-    node.inputs.clear()
-    graph.nodes.extend(new)
-    graph.cleanup().toposort()
-    proto = gs.export_onnx(graph)
-    keep = [o for o in proto.opset_import if o.domain != "factordeploy"]
-    del proto.opset_import[:]
-    proto.opset_import.extend(keep)
+    ctx = PassContext(layers={"l": layer.describe()})
+    proto = run_pipeline(_export(layer), ort_pipeline({"SparseMatMul": "dense"}), ctx)
+    assert "ScatterND" not in [n.op_type for n in proto.graph.node]
+    assert any(tuple(t.dims) == (40, 48) for t in proto.graph.initializer)  # the refolded S^T
+    assert ctx.info["lower-custom-ops"]["ops"]["SparseMatMul"]["dense"] == 1
     onnx.save(proto, str(tmp_path / "d.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, 40)

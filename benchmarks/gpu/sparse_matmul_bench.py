@@ -5,7 +5,7 @@ flat support of delta * out * in entries (int32 indices, as the engine stores th
 and activations. Token counts: decode M = 1, 2, 4, 8, 16 and prefill M = 2048, 4096, 8192.
 
 Columns: median CUDA-event time of torch.nn.functional.linear with the dense W (cuBLAS) and of the
-SparseMatMul kernel (plugins/kernels/sparse_matmul.py, the exact plugin launch incl. the fp32
+sparse_matmul kernel (ops/sparse_matmul/kernel.py, the exact plugin launch incl. the fp32
 accumulator for fp16 outputs), speedup, and the memory roofline of the sparse op: bytes of idx +
 val + x + y (+ the fp32 accumulator written twice and read once) over --hbm-gbs (H200: 4800 GB/s),
 with the fraction of it the kernel reaches. What to expect: the kernel reads nnz * 6 bytes against
@@ -57,8 +57,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("sparse_matmul_bench: needs a CUDA GPU (torch sees none); nothing was measured.", file=sys.stderr)
         return 2
-    from factordeploy.plugins.kernels.sparse_matmul import sparse_matmul
-    from factordeploy.plugins.ops.sparse_matmul import reference
+    from factordeploy.ops.sparse_matmul.kernel import sparse_matmul
+    from factordeploy.ops.sparse_matmul import reference
 
     dev, dt = "cuda", torch.float16
     rows = []

@@ -6,7 +6,10 @@ Every layer is an ``nn.Module`` with the ``nn.Linear`` interface (``in_features`
 * ``dense_weight()``  - the (out x in) matrix it represents, for metrics and tests;
 * ``stored_bytes()``  - every byte the deployed layer stores (weights, values, indices,
   metadata), bias excluded so ratios compare weight storage only;
-* ``kind``            - a short tag used by export, passes and reports.
+* ``kind``            - a short tag for reports and node names (generic code never branches on it);
+* ``graph_facts()``   - what generic graph code needs, in ``describe()`` (the layer manifest):
+  ``weight_2to4`` = the [K, N] shape of the constant MatMul B that must stay 2:4 along K
+  (passes/sparsity.py), ``custom_op`` = the custom op the layer emits (ops/).
 
 Methods add layer classes here (never elsewhere) so export/passes see one vocabulary.
 """
@@ -17,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops import sparse_dict_matmul, sparse_matmul
+from ..ops.export import emit
 from .linalg import balance_factors
 
 
@@ -47,8 +52,12 @@ class FactorizedLinear(nn.Module):
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """Per-layer facts for reports (shapes, rank, sparsity...)."""
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features}
+        """Per-layer facts for reports (shapes, rank, sparsity...) and the graph facts generic passes read."""
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features} | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        """Facts about the exported graph: {"weight_2to4": [K, N]} for a 2:4 constant, {"custom_op": name}."""
+        return {}
 
     def extra_repr(self) -> str:
         d = self.describe()
@@ -96,7 +105,7 @@ class LowRankLinear(FactorizedLinear):
         return tensor_bytes(self.A) + tensor_bytes(self.B)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank}
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank} | self.graph_facts()
 
 
 def linear_from(layer: nn.Linear, weight: torch.Tensor) -> nn.Linear:
@@ -217,7 +226,11 @@ class Sparse24Linear(_Validated24):
 
     def describe(self) -> dict:
         nz = float((self.weight != 0).float().mean())
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "density": round(nz, 4)}
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "density": round(nz, 4)
+                } | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        return {"weight_2to4": [self.in_features, self.out_features]}  # W^T [in, out], 2:4 along in
 
 
 class DenseSparseLinear(_Validated24):
@@ -254,7 +267,10 @@ class DenseSparseLinear(_Validated24):
         return tensor_bytes(self.D) + sparse24_bytes(self.k, self.in_features, self.S.element_size())
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "k": self.k}
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "k": self.k} | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        return {"weight_2to4": [self.in_features, self.k]}  # S^T [in, k], 2:4 along in
 
 
 def validate_24_layers(model: nn.Module) -> int:
@@ -291,14 +307,13 @@ class SparseDictLinear(FactorizedLinear):
 
     forward: z = x D^T (k features), y[..., o] = sum_t val[t, o] z[..., idx[t, o]] (+ b).
     W is never formed; on CPU the s-sparse codes are scattered into a dense (out x k) S for
-    one GEMM (4x faster than torch's CSR kernel here), under ONNX export the layer is one
-    ``factordeploy::SparseDictMatMul`` node. ``D`` may be shared by several layers
+    one GEMM (4x faster than torch's CSR kernel here), under ONNX export the layer is one node
+    of the custom op ``ops.sparse_dict_matmul``. ``D`` may be shared by several layers
     (``shared`` = how many), in which case each layer is charged its share of D's bytes.
     """
 
     kind = "sparse_dict"
-    onnx_op = "SparseDictMatMul"
-    onnx_domain = "factordeploy"
+    op = sparse_dict_matmul.SPEC
 
     def __init__(self, D: torch.Tensor | nn.Parameter, idx: torch.Tensor, val: torch.Tensor,
                  bias: torch.Tensor | None = None, shared: int = 1, group: str | None = None) -> None:
@@ -335,10 +350,8 @@ class SparseDictLinear(FactorizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            y = torch.onnx.ops.symbolic(
-                f"{self.onnx_domain}::{self.onnx_op}", (x, self.D, self.idx, self.val),
-                attrs={"k": self.atoms, "s": self.sparsity, "out_features": self.out_features},
-                dtype=x.dtype, shape=(*x.shape[:-1], self.out_features), version=1)
+            y = emit(self.op, (x, self.D, self.idx, self.val),
+                     {"k": self.atoms, "s": self.sparsity, "out_features": self.out_features})
             return y + self.bias if self.bias is not None else y
         return F.linear(F.linear(x, self.D), self.codes(), self.bias)
 
@@ -358,7 +371,10 @@ class SparseDictLinear(FactorizedLinear):
              "sparsity": self.sparsity, "index_dtype": str(self.idx.dtype).replace("torch.", "")}
         if self.shared > 1:
             d |= {"shared": self.shared, "group": self.group}
-        return d
+        return d | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        return {"custom_op": self.op.name}
 
 
 # --- sparse + low-rank (issue 14: SLTrain, LOST) ---------------------------------------------
@@ -367,7 +383,7 @@ def flat_index_dtype(numel: int) -> torch.dtype:
     """Storage dtype of flat indices into a matrix of `numel` entries.
 
     int32 up to 2^31 entries (every layer of a 7B model), else int64: the exported graph hands
-    the indices to the SparseMatMul node unchanged, so what is counted is what is on disk.
+    the indices to the sparse_matmul op node unchanged, so what is counted is what is on disk.
     """
     return torch.int32 if numel <= 2 ** 31 else torch.int64
 
@@ -382,13 +398,12 @@ class SparsePlusLowRankLinear(FactorizedLinear):
 
     forward: one dense GEMM with W built on the fly (SLTrain's own forward: scatter S into B A,
     then one linear; gradients reach only A, B and the nnz values). Under ONNX export: two
-    rank-r MatMuls plus one ``factordeploy::SparseMatMul(x, idx, val)`` node for S, so the
+    rank-r MatMuls plus one node of the custom op ``ops.sparse_matmul`` (x, idx, val) for S, so the
     artifact stores exactly the factors, the values and the flat indices.
     """
 
     kind = "sparse_lowrank"
-    onnx_op = "SparseMatMul"
-    onnx_domain = "factordeploy"
+    op = sparse_matmul.SPEC
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
                  bias: torch.Tensor | None = None, scale: float = 1.0) -> None:
@@ -434,11 +449,8 @@ class SparsePlusLowRankLinear(FactorizedLinear):
             y = F.linear(F.linear(x, self.A), self.B)
             if self.scale != 1.0:
                 y = y * self.scale
-            s = torch.onnx.ops.symbolic(
-                f"{self.onnx_domain}::{self.onnx_op}", (x, self.idx, self.val),
-                attrs={"in_features": self.in_features, "out_features": self.out_features},
-                dtype=x.dtype, shape=(*x.shape[:-1], self.out_features), version=1)
-            y = y + s
+            y = y + emit(self.op, (x, self.idx, self.val),
+                         {"in_features": self.in_features, "out_features": self.out_features})
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.dense_weight(), self.bias)
 
@@ -449,7 +461,10 @@ class SparsePlusLowRankLinear(FactorizedLinear):
     def describe(self) -> dict:
         return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank,
                 "nnz": self.nnz, "density": round(self.nnz / (self.in_features * self.out_features), 5),
-                "index_dtype": str(self.idx.dtype).replace("torch.", "")}
+                "index_dtype": str(self.idx.dtype).replace("torch.", "")} | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        return {"custom_op": self.op.name}
 
 
 class ChannelSparseLowRankLinear(FactorizedLinear):
@@ -513,4 +528,4 @@ class ChannelSparseLowRankLinear(FactorizedLinear):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank,
-                "channels": int(self.channels.numel()), "gamma": self.gamma}
+                "channels": int(self.channels.numel()), "gamma": self.gamma} | self.graph_facts()

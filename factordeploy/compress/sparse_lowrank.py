@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import click
 import torch
 from torch import nn
 
@@ -29,8 +28,8 @@ from .linalg import damped_gram, gram_factor, whitened_svd
 from ..progress import track
 
 # sparse step: residual (out x in) -> (dense-shaped sparse part, payload for the layer)
-ALT_ITERS = MethodOption("alt-iters", click.IntRange(min=1), 4,
-                         "alternating rounds of whitened SVD and sparse least squares per layer")
+ALT_ITERS = MethodOption("alt-iters", int, 4, "alternating rounds of whitened SVD and sparse least squares per layer",
+                         min=1)
 SparseStep = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
 
 

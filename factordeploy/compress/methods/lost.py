@@ -11,7 +11,6 @@ Bytes: A, B, W_s (out x |I|), the int64 channel indices, and the two gamma scala
 
 from __future__ import annotations
 
-import click
 import torch
 from torch import nn
 
@@ -38,10 +37,10 @@ class LOSTMethod(SparseLowRankMethod):
     name = "lost"
     summary = "low-rank + channel-wise sparse block on the worst-explained input channels (LOST)"
     options = (
-        MethodOption("channel-frac", click.FloatRange(min=0.0, max=0.5), 0.05,
-                     "fraction of input channels given a dense block (LOST's channel sparsity)"),
-        MethodOption("gamma", click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True), 0.5,
-                     "LOST's mixing weight: y = gamma * lowrank(x) + (1 - gamma) * channel part"),
+        MethodOption("channel-frac", float, 0.05, "fraction of input channels given a dense block (LOST's channel sparsity)",
+                     min=0.0, max=0.5, min_open=True),
+        MethodOption("gamma", float, 0.5, "LOST's mixing weight: y = gamma * lowrank(x) + (1 - gamma) * channel part "
+                     "(in (0, 1))", min=0.0, max=0.99, min_open=True),
         ALT_ITERS,
     )
 

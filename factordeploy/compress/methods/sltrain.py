@@ -10,7 +10,6 @@ layer's (1 - ratio) budget (compress/sparse_lowrank.py).
 
 from __future__ import annotations
 
-import click
 import torch
 from torch import nn
 
@@ -41,9 +40,11 @@ class SLTrainMethod(SparseLowRankMethod):
     name = "sltrain"
     summary = "sparse + low-rank W ~ B A + S (SLTrain): whitened SVD plus S on a fixed support, fitted to the residual"
     options = (
-        MethodOption("delta", click.FloatRange(min=0.0, max=0.5), 0.03, "fraction of W's entries held in S (SLTrain's delta)"),
-        MethodOption("support", click.Choice(["random", "largest"]), "random",
-                     "S's support: uniformly random (the paper's) or the whitened residual's largest entries"),
+        MethodOption("delta", float, 0.03, "fraction of W's entries held in S (SLTrain's delta)", min=0.0, max=0.5,
+                     min_open=True),
+        MethodOption("support", str, "random",
+                     "S's support: uniformly random (the paper's) or the whitened residual's largest entries",
+                     choices=("random", "largest")),
         ALT_ITERS,
     )
 

@@ -1,4 +1,4 @@
-"""Triton kernel for SparseMatMul: y[M, out] = x[M, in] @ S^T with S given by sorted flat indices.
+"""Triton kernel for the sparse_matmul op: y[M, out] = x[M, in] @ S^T with S given by sorted flat indices.
 
 S (out x in) is stored as nnz flat row-major indices idx (o * in + i) and values val: SLTrain's
 unstructured sparse part (compress/layers.SparsePlusLowRankLinear). Each program owns a tile of
@@ -6,7 +6,7 @@ BLOCK_M tokens x BLOCK_N nonzeros: it loads the tile's indices and values once, 
 matching input columns of its tokens, and atomically adds val * x[m, i] into y[m, o] (an fp32
 accumulator, cast to y's dtype afterwards when y is not fp32). Work and memory traffic are
 proportional to nnz * M, against out * in * M for the dense GEMM: the kernel pays off when the
-density is low and the GEMM is memory-bound (decode-size M); benchmarks/gpu/sparse_matmul.py
+density is low and the GEMM is memory-bound (decode-size M); benchmarks/gpu/sparse_matmul_bench.py
 measures where it stands against cuBLAS.
 
 One fixed configuration (no autotune): the TensorRT plugin's launch contract must be exact and
