@@ -17,6 +17,8 @@ from factordeploy.compress.methods.lost import worst_channels
 from factordeploy.compress.methods.sltrain import largest_support, random_support
 from factordeploy.compress.sparse_lowrank import alternate
 
+from .layer_export import Wrap, export_layer
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -223,10 +225,6 @@ def test_methods_respect_the_budget_and_match_forward(minilm, minilm_calib, meth
 def test_lost_exports_as_gather_and_matmul_and_folding_keeps_it_compressed(tmp_path, gamma):
     """LOST's channel part is standard ONNX (Gather on the input channels + MatMul, no plugin node);
     after the ORT pipeline (constant folding included) the file holds A, B, W_s and I - never a dense W."""
-    import contextlib
-    import io
-    import warnings
-
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -238,19 +236,7 @@ def test_lost_exports_as_gather_and_matmul_and_folding_keeps_it_compressed(tmp_p
 
     layer = csl_layer(out_f=48, in_f=40, r=5, c=3, gamma=gamma)
 
-    class Wrap(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.l = layer
-
-        def forward(self, x):
-            return torch.relu(self.l(x))
-
-    b, s = torch.export.Dim("b", min=1, max=64), torch.export.Dim("s", min=1, max=512)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        raw = torch.onnx.export(Wrap().eval(), (torch.randn(2, 8, 40),), dynamo=True, input_names=["x"],
-                                output_names=["y"], dynamic_shapes={"x": {0: b, 1: s}}, opset_version=18).model_proto
+    raw = export_layer(layer)
     proto = run_pipeline(raw, ort_pipeline(), PassContext(layers={"l": layer.describe()}))
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)  # standard ops only
     nodes = factorized_nodes(proto)["l"]
@@ -266,4 +252,4 @@ def test_lost_exports_as_gather_and_matmul_and_folding_keeps_it_compressed(tmp_p
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(3, 7, 40)
     with torch.no_grad():
-        np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], Wrap()(x).numpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], Wrap(layer)(x).numpy(), rtol=1e-5, atol=1e-4)

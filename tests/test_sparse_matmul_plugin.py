@@ -7,10 +7,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
 
-import contextlib
 import importlib.util
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,8 @@ import torch
 
 from factordeploy.compress.layers import SparsePlusLowRankLinear
 
+from .layer_export import Wrap, export_layer
+
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
 
 
@@ -30,24 +29,6 @@ def _layer(o=48, i=40, r=5, nnz=70, seed=0, bias=True, scale=1.0) -> SparsePlusL
     return SparsePlusLowRankLinear(torch.randn(r, i, generator=g), torch.randn(o, r, generator=g), idx,
                                    torch.randn(nnz, generator=g), torch.randn(o, generator=g) if bias else None,
                                    scale=scale)
-
-
-class _Wrap(torch.nn.Module):
-    def __init__(self, layer) -> None:
-        super().__init__()
-        self.l = layer
-
-    def forward(self, x):
-        return torch.relu(self.l(x))
-
-
-def _export(layer) -> onnx.ModelProto:
-    b, s = torch.export.Dim("b", min=1, max=64), torch.export.Dim("s", min=1, max=512)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.onnx.export(_Wrap(layer).eval(), (torch.randn(2, 8, layer.in_features),), dynamo=True,
-                                 input_names=["x"], output_names=["y"], dynamic_shapes={"x": {0: b, 1: s}},
-                                 opset_version=18).model_proto
 
 
 # M, in, out, nnz: non-multiples of the block sizes (16, 128), an empty row set, a dense-ish S
@@ -91,7 +72,7 @@ def test_export_keeps_one_node_and_ort_lowering_matches_torch(tmp_path):
     from factordeploy.passes.presets import ort_pipeline
 
     layer = _layer(scale=2.5)
-    raw = _export(layer)
+    raw = export_layer(layer)
     assert [n.op_type for n in raw.graph.node].count("SparseMatMul") == 1
     node = next(n for n in raw.graph.node if n.op_type == "SparseMatMul")
     idx_init = next(t for t in raw.graph.initializer if t.name == node.input[1])
@@ -110,7 +91,7 @@ def test_export_keeps_one_node_and_ort_lowering_matches_torch(tmp_path):
     for shape in [(3, 7, 40), (1, 1, 40)]:
         x = torch.randn(*shape)
         with torch.no_grad():
-            np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], _Wrap(layer)(x).numpy(), rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], Wrap(layer)(x).numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_cost_choice_keeps_the_artifact_compressed():
@@ -137,7 +118,7 @@ def test_dense_lowering_matches_torch(tmp_path):
 
     layer = _layer()
     ctx = PassContext(layers={"l": layer.describe()})
-    proto = run_pipeline(_export(layer), ort_pipeline({"SparseMatMul": "dense"}), ctx)
+    proto = run_pipeline(export_layer(layer), ort_pipeline({"SparseMatMul": "dense"}), ctx)
     assert "ScatterND" not in [n.op_type for n in proto.graph.node]
     assert any(tuple(t.dims) == (40, 48) for t in proto.graph.initializer)  # the refolded S^T
     assert ctx.info["lower-custom-ops"]["ops"]["SparseMatMul"]["dense"] == 1
@@ -145,7 +126,7 @@ def test_dense_lowering_matches_torch(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, 40)
     with torch.no_grad():
-        np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], _Wrap(layer)(x).numpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], Wrap(layer)(x).numpy(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx_bindings not installed")
@@ -161,7 +142,7 @@ def test_onnx_with_sparse_matmul_builds_tensorrt_rtx_engine(tmp_path):
     info = tm.resolve("trt-rtx")
     assert info is not None and info.can_build
     layer = _layer()
-    proto = run_pipeline(_export(layer), trt_pipeline(), PassContext(layers={"l": layer.describe()}, target="trt"))
+    proto = run_pipeline(export_layer(layer), trt_pipeline(), PassContext(layers={"l": layer.describe()}, target="trt"))
     node = next(n for n in proto.graph.node if n.op_type == "SparseMatMul")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["plugin_namespace"] == b"factordeploy" and attrs["in_features"] == 40 and attrs["out_features"] == 48

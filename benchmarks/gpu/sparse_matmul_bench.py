@@ -21,15 +21,13 @@ message (exit code 2) instead of failing silently.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import cuda_median_ms  # noqa: E402
+from timing import DECODE, PREFILL, cuda_median_ms, kernel_bench_args, write_table  # noqa: E402
 
 SHAPES = {  # name: (in, out)
     "minilm.qkvo 384x384": (384, 384),
@@ -38,19 +36,11 @@ SHAPES = {  # name: (in, out)
     "llama.q 4096x4096": (4096, 4096),
     "llama.up 4096->11008": (4096, 11008),
 }
-DECODE = (1, 2, 4, 8, 16)
-PREFILL = (2048, 4096, 8192)
 DELTAS = (0.01, 0.03, 0.1)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--hbm-gbs", type=float, default=4800.0, help="HBM bandwidth for the roofline column (GB/s)")
-    ap.add_argument("--md", type=Path, default=None)
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    args = ap.parse_args()
+    args = kernel_bench_args(__doc__.splitlines()[0], list(SHAPES), 4800.0)
 
     import torch
 
@@ -85,16 +75,9 @@ def main() -> int:
                              "speedup": round(t_dense / t_sparse, 3), "roofline_ms": round(roof_ms, 5),
                              "roofline_fraction": round(roof_ms / t_sparse, 3), "max_rel_err": round(err, 5)})
                 print(" ".join(f"{k_}={v}" for k_, v in rows[-1].items()), flush=True)
-    head = ("| layer | delta | nnz | M | dense cuBLAS ms | SparseMatMul ms | speedup | roofline ms | of roofline | rel err |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
-    md = head + "".join(
-        f"| {r['layer']} | {r['delta']} | {r['nnz']} | {r['M']} | {r['dense_ms']} | {r['sparse_ms']} | {r['speedup']} | "
-        f"{r['roofline_ms']} | {r['roofline_fraction']} | {r['max_rel_err']} |\n" for r in rows)
-    print(md)
-    if args.md:
-        args.md.write_text(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}\n\n" + md)
-    if args.json:
-        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    write_table(rows, [("layer", "layer"), ("delta", "delta"), ("nnz", "nnz"), ("M", "M"), ("dense cuBLAS ms", "dense_ms"),
+                       ("sparse_matmul ms", "sparse_ms"), ("speedup", "speedup"), ("roofline ms", "roofline_ms"),
+                       ("of roofline", "roofline_fraction"), ("rel err", "max_rel_err")], args)
     return 0
 
 
