@@ -24,7 +24,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("engines",),
     ("verify",),
     ("report", "pipeline"),
-    ("pretrain",),                       # pretraining from scratch (models, compress layers, train loop)
     ("build",),
     ("cli",),
 ]
