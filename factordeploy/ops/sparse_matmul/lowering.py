@@ -24,13 +24,19 @@ INDEX_BYTES = 4  # int32 flat indices
 
 
 def layer_costs(in_f: int, out_f: int, nnz: int, elem: int = 4, model: CostModel | None = None) -> dict[str, dict]:
-    """Modelled seconds (at the model's reference token count) and stored bytes of each lowering."""
+    """Modelled seconds (at the model's reference token count) and stored bytes of each lowering.
+
+    Measured (ORT, 1 thread, fp32, median of 15; S alone, delta 0.03): 384 -> 1536 at M = 1/16/128
+    tokens: gather 0.127/0.311/1.425 ms, dense 0.039/0.126/0.909 ms; 384 -> 384: gather
+    0.038/0.090/0.278 ms, dense 0.013/0.032/0.194 ms. Gather + Mul + ScatterND cost about one
+    element-wise element per (nonzero, token) together (~0.6 ns), not one each.
+    """
     cm = model or CostModel()
     M = cm.tokens
     dense_t = cm.time(2 * M * in_f * out_f, elem * (in_f * out_f + M * (in_f + out_f)))
-    # Transpose x, Gather, Mul and ScatterND over (nnz, M); zero fill and Transpose of (out, M)
+    # Gather -> Mul -> ScatterND over (nnz, M) as one pass; zero fill + Transposes of (out, M), (in, M)
     gather_t = (cm.time(0, elem * M * (in_f + out_f) + nnz * (INDEX_BYTES + elem))
-                + (3 * M * nnz + 2 * M * out_f + M * in_f) / cm.elementwise_per_s)
+                + (M * nnz + 2 * M * out_f + M * in_f) / cm.elementwise_per_s)
     return {"gather": {"seconds": gather_t, "bytes": nnz * (INDEX_BYTES + elem)},
             "dense": {"seconds": dense_t, "bytes": in_f * out_f * elem}}
 
