@@ -253,3 +253,14 @@ def test_lost_exports_as_gather_and_matmul_and_folding_keeps_it_compressed(tmp_p
     x = torch.randn(3, 7, 40)
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], Wrap(layer)(x).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_support_lstsq_bounds_its_batch_memory():
+    """A support piled into one row (kmax 40) with a tiny element budget: one row per batch, same answer."""
+    X = _inputs(200, 48, 10)
+    G = X.T @ X
+    R = torch.randn(6, 48, generator=_gen(11), dtype=torch.float64)
+    idx = torch.cat([torch.arange(0, 40), 48 + torch.tensor([3, 9]), 5 * 48 + torch.tensor([1])])
+    torch.testing.assert_close(support_lstsq(R, G, idx, max_elems=1600), support_lstsq(R, G, idx), rtol=1e-9, atol=1e-12)
+    s = torch.linalg.lstsq(X[:, :40], X @ R[0], driver="gelsd").solution
+    torch.testing.assert_close(support_lstsq(R, G, idx, max_elems=1600)[:40], s, rtol=1e-7, atol=1e-9)

@@ -114,13 +114,15 @@ def damped_gram(L: torch.Tensor) -> torch.Tensor:
     return L @ L.T
 
 
-def support_lstsq(R: torch.Tensor, G: torch.Tensor, idx: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def support_lstsq(R: torch.Tensor, G: torch.Tensor, idx: torch.Tensor, chunk: int = 1024,
+                  max_elems: int = 1 << 25) -> torch.Tensor:
     """Values on a fixed sparse support minimising sum_o (r_o - s_o) G (r_o - s_o)^T.
 
     R (out x in) is the matrix to fit, G (in x in) the metric (X^T X: the output error
     ||X (R - S)^T||^2), idx the sorted flat row-major support. Per row o with support
-    columns J: G[J, J] s_J = (G r_o)[J]. Rows are solved in padded batches of `chunk` rows
-    (memory chunk x kmax^2), so a 7B-sized layer stays bounded. Returns the values in idx order.
+    columns J: G[J, J] s_J = (G r_o)[J]. Rows are solved in padded batches of at most `chunk` rows
+    and `max_elems` system entries (rows x kmax^2 float64: 256 MB), so a 7B-sized layer, or a
+    support that piles up in a few rows, stays bounded. Returns the values in idx order.
     """
     R64, G64 = R.detach().to(torch.float64), G.to(torch.float64)
     out_f, in_f = R64.shape
@@ -133,6 +135,7 @@ def support_lstsq(R: torch.Tensor, G: torch.Tensor, idx: torch.Tensor, chunk: in
     if kmax == 0:
         return vals.to(R.dtype)
     pos = torch.arange(idx.numel(), device=R.device) - starts[rows]  # slot of each entry inside its row
+    chunk = max(1, min(chunk, max_elems // (kmax * kmax)))
     for r0 in range(0, out_f, chunk):
         r1 = min(out_f, r0 + chunk)
         sel = (rows >= r0) & (rows < r1)
