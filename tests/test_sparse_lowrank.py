@@ -55,8 +55,8 @@ def test_sparse_plus_lowrank_bytes_and_validation():
     assert layer.idx.dtype == torch.int32
     assert layer.stored_bytes() == 3 * 10 * 4 + 12 * 3 * 4 + 17 * 4 + 17 * 4  # A + B + int32 idx + values = 400
     assert slr_layer(scale=2.0).stored_bytes() == 404  # + the scale constant of the exported Mul
-    assert layer.describe() | {} == {"kind": "sparse_lowrank", "in": 10, "out": 12, "rank": 3, "nnz": 17,
-                                     "density": round(17 / 120, 5), "index_dtype": "int32"}
+    assert layer.describe() == {"kind": "sparse_lowrank", "in": 10, "out": 12, "rank": 3, "nnz": 17,
+                                "density": round(17 / 120, 5), "index_dtype": "int32", "custom_op": "SparseMatMul"}
     A, B = torch.zeros(2, 4), torch.zeros(3, 2)
     with pytest.raises(ValueError, match="sorted"):
         SparsePlusLowRankLinear(A, B, torch.tensor([3, 1]), torch.zeros(2))
