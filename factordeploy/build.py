@@ -226,7 +226,13 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
                 row["speedup"] = round(row["original"]["median_ms"] / row["compressed"]["median_ms"], 3)
             latency.append(row)
 
-    artifacts = {"model": model_path, "ort_optimized": opt_path, **engine_artifacts}
+    from .serving.hf_files import write_hf_files
+    from .serving.ort_optimized import decide_ort_optimized
+
+    with stage("serving files (config/tokenizer for other stacks; keep the ORT-optimized graph?)", timings):
+        serving = {"hf_files": write_hf_files(loaded, tmp),
+                   "ort_optimized": decide_ort_optimized(model_path, opt_path, loaded.input_names, vocab).as_dict()}
+    artifacts = {"model": model_path, **({"ort_optimized": opt_path} if opt_path.exists() else {}), **engine_artifacts}
     if cfg.baseline:
         artifacts["baseline"] = baseline_path
     timings["total"] = round(time.perf_counter() - t_start, 3)
@@ -251,6 +257,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         "quality": quality,
         "latency": {"engine": "onnxruntime", "providers": ortmod.providers(), "points": latency},
         "engine": engine_report,
+        "serving": serving,
         "artifacts": {k: str(v) for k, v in artifacts.items()},
         "sizes_on_disk": {k: os.path.getsize(v) for k, v in artifacts.items()},
         "timings_s": timings,
