@@ -59,11 +59,13 @@ def _method_options(f):
 @click.option("--ort-sparse-dict", type=click.Choice(["cost", "gather", "dense"]), default="cost", show_default=True,
               help="how model.onnx (ONNX Runtime) runs sparse-dictionary layers: cheapest per layer by modelled cost, "
                    "gather (compressed form kept: smaller file), or dense (W = S D refolded: fastest on CPU, no size saving)")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "triton"]), default="onnx", show_default=True,
+              help="triton: also write a Triton model repository into OUT/triton (see `deploy export-triton`)")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @_method_options
 def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, ort_sparse_dict, trt_batch, trt_seq, **method_opts):
+          quiet, backend, precision, sparse_weights, ort_sparse_dict, fmt, trt_batch, trt_seq, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     from .build import BuildConfig, run_build
     from .compress.base import method_options
@@ -90,6 +92,11 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                    f"{e['layers']} layers, built in {e['build_seconds']:.1f} s; executed: {'yes' if e['executed'] else 'no'} ({e['reason']})")
     elif e:
         click.echo(f"backend: {e['backend']} ({e['reason']})")
+    if fmt == "triton":
+        from .cli_serving import echo_repository
+        from .serving.triton import write_repository
+
+        echo_repository(res.out / "triton", write_repository(res.out, r, res.out / "triton"))
     if not r["fidelity"]["passed"]:
         sys.exit(1)
 
@@ -116,6 +123,15 @@ def models() -> None:
         click.echo(f"{name.ljust(8)}  {desc}")
     click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")
 
+
+def _add_folder_commands() -> None:
+    from .cli_serving import COMMANDS
+
+    for cmd in COMMANDS:
+        main.add_command(cmd)
+
+
+_add_folder_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()
