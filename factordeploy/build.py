@@ -48,6 +48,7 @@ class BuildConfig:
     ort_sparse_dict: str = "cost"  # SparseDictMatMul lowering for model.onnx: cost | gather | dense
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
+    calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
 
 
 @dataclass
@@ -171,8 +172,12 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     ctx = CompressContext(ratio=cfg.ratio, device=cfg.device, seed=cfg.seed, options=dict(cfg.options))
     if method.uses_calibration(ctx.options):
         ctx.calibration = Calibration(loaded, cfg.calib, cfg.device)
+        if cfg.calib_cache:
+            ctx.calibration.attach_store(cfg.calib_cache)
     with stage(f"compress ({cfg.method})", timings):
         result: CompressResult = method.compress(model, targets, ctx)
+    if ctx.calibration is not None and cfg.calib_cache:
+        ctx.calibration.save_store()
     model.eval()
     params_after, bytes_after = model_bytes(model)
 

@@ -47,6 +47,8 @@ def _method_options(f):
 @click.option("--calib", type=int, default=128, show_default=True, help="calibration samples")
 @click.option("--calib-len", type=int, default=128, show_default=True, help="tokens per calibration sample")
 @click.option("--calib-data", type=click.Path(), default=None, help="your own calibration text (.txt or .jsonl)")
+@click.option("--calib-cache", default=None, type=click.Path(),
+              help="folder where calibration statistics are kept and reused by later builds of the same model and --calib settings")
 @click.option("--targets", default="*", show_default=True, help="comma-separated glob patterns of linears to compress")
 @click.option("--no-eval", is_flag=True, help="skip the task-quality evaluation")
 @click.option("--no-baseline", is_flag=True, help="skip the original-model ONNX (no latency comparison)")
@@ -64,7 +66,7 @@ def _method_options(f):
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @_method_options
-def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
+def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
           quiet, backend, precision, sparse_weights, ort_sparse_dict, fmt, trt_batch, trt_seq, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     from .build import BuildConfig, run_build
@@ -81,7 +83,8 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
-                      sparse_weights=sparse_weights, ort_sparse_dict=ort_sparse_dict, trt_batch=trt_batch, trt_seq=trt_seq)
+                      sparse_weights=sparse_weights, ort_sparse_dict=ort_sparse_dict, trt_batch=trt_batch, trt_seq=trt_seq,
+                      calib_cache=calib_cache)
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "
