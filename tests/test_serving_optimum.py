@@ -39,21 +39,9 @@ def _check(folder: Path) -> tuple[int, list[dict], str]:
 @pytest.fixture(scope="module")
 def rope_llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama whose RoPE base is not transformers 4.57's fallback (10000)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tests.conftest import make_tiny_llama
 
-    from factordeploy.models.registry import smollm2_fp32_folder
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("rope_llama")
-    tok = AutoTokenizer.from_pretrained(str(smollm2_fp32_folder()))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, rope_theta=500.0)
-    cfg.architectures = ["LlamaForCausalLM"]
-    LlamaForCausalLM(cfg).eval().save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return make_tiny_llama(tmp_path_factory.mktemp("rope_llama"), rope_theta=500.0)
 
 
 def test_encoder_folder_loads_in_optimum(tiny_bert_dir, tmp_path):
