@@ -103,8 +103,8 @@ def row_from_report(rep: dict, folder: Path) -> dict:
         "polarity_accuracy_original": q.get("polarity_accuracy_original"),
         "build_s": rep["timings_s"].get("total"),
         "calibration_reused": ((rep.get("calibration") or {}).get("stats_store") or {}).get("grams_reused", 0),
-        "sparse_dict_lowering": next(({"dense": p.get("dense", 0), "gather": p.get("gather", 0)}
-                                      for p in rep.get("passes", []) if p["pass"] == "sparse-dict-ort"), None),
+        "custom_op_lowering": next(({op: {h: n for h, n in d.items() if isinstance(n, int)} for op, d in p["ops"].items()}
+                                    for p in rep.get("passes", []) if p["pass"] == "lower-custom-ops" and p.get("ops")), None),
     }
 
 

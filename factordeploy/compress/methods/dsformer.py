@@ -26,7 +26,6 @@ import math
 import os
 from pathlib import Path
 
-import click
 import torch
 from torch import nn
 from torch.nn import functional as F
