@@ -23,9 +23,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("plugins",),
     ("engines",),
     ("verify",),
+    ("serving",),                        # files other stacks read, Triton repository, inspect/verify of folders
     ("report", "pipeline"),
     ("build",),
-    ("cli",),
+    ("sweep",),                          # runs builds
+    ("cli", "cli_serving"),
 ]
 RANK = {name: i for i, row in enumerate(LAYERS) for name in row}
 
