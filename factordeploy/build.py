@@ -232,8 +232,8 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
                 row["speedup"] = round(row["original"]["median_ms"] / row["compressed"]["median_ms"], 3)
             latency.append(row)
 
-    from .serving.hf_files import write_hf_files
-    from .serving.ort_optimized import decide_ort_optimized
+    from .serve.hf_files import write_hf_files
+    from .serve.ort_optimized import decide_ort_optimized
 
     with stage("serving files (config/tokenizer for other stacks; keep the ORT-optimized graph?)", timings):
         serving = {"hf_files": write_hf_files(loaded, tmp),

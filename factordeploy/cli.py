@@ -121,7 +121,7 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
         click.echo(f"backend: {e['backend']} ({e['reason']})")
     if fmt == "triton":
         from .cli_serving import echo_repository
-        from .serving.triton import write_repository
+        from .serve.triton import write_repository
 
         echo_repository(res.out / "triton", write_repository(res.out, r, res.out / "triton"))
     if not r["fidelity"]["passed"]:

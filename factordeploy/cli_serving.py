@@ -18,8 +18,8 @@ from .errors import UserError
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def inspect_cmd(folder: str, as_json: bool) -> None:
     """Summarize one build FOLDER: layers, bytes, ranks, files and the checks it ran."""
-    from .serving.folder import open_build_folder
-    from .serving.inspect import render, summarize
+    from .serve.folder import open_build_folder
+    from .serve.inspect import render, summarize
 
     s = summarize(open_build_folder(folder))
     click.echo(json.dumps(s, indent=2, default=str) if as_json else render(s))
@@ -43,8 +43,8 @@ def inspect_cmd(folder: str, as_json: bool) -> None:
 def verify_cmd(folder, domain, seed, samples, tolerance, min_cosine, max_ppl_ratio, original, as_json, quiet) -> None:
     """Re-check an existing build FOLDER on new inputs; exits 1 when a check fails."""
     from .progress import set_quiet
-    from .serving.folder import open_build_folder
-    from .serving.verify_folder import VerifyConfig, render, verify_folder
+    from .serve.folder import open_build_folder
+    from .verify.folder_check import VerifyConfig, render, verify_folder
     from .verify.domains import DomainSample
 
     set_quiet(quiet)
@@ -70,8 +70,8 @@ def export_triton_cmd(folder: str, out: str | None, name: str | None, max_batch:
     """Write a Triton Inference Server model repository from a build FOLDER (validated with Triton's schema)."""
     from pathlib import Path
 
-    from .serving.folder import open_build_folder
-    from .serving.triton import write_repository
+    from .serve.folder import open_build_folder
+    from .serve.triton import write_repository
 
     if max_batch < 0:
         raise UserError("--max-batch must be >= 0", "pass e.g. --max-batch 32, or 0 for no batching")

@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("passes",),
     ("plugins",),
     ("engines",),
+    ("serve",),                          # serving a build: HF/Optimum files, Triton repository, folder reading
     ("verify",),
-    ("serving",),                        # files other stacks read, Triton repository, inspect/verify of folders
     ("report", "pipeline"),
     ("build",),
     ("sweep",),                          # runs builds

@@ -11,8 +11,8 @@ import pytest
 from onnx import numpy_helper
 
 from factordeploy.models.registry import load_model
-from factordeploy.serving.hf_files import portable_config, portable_tokenizer_config, write_hf_files
-from factordeploy.serving.ort_optimized import decide_ort_optimized
+from factordeploy.serve.hf_files import portable_config, portable_tokenizer_config, write_hf_files
+from factordeploy.serve.ort_optimized import decide_ort_optimized
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Rotary embeddings need the right base frequency!",
          "def f(x): return x ** 2  # pydoc-like text"]

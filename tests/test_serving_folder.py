@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from factordeploy.cli import main
 from factordeploy.errors import UserError
-from factordeploy.serving.triton import TensorSpec, TritonModel, parse_config, render_config, validate_repository, write_repository
+from factordeploy.serve.triton import TensorSpec, TritonModel, parse_config, render_config, validate_repository, write_repository
 
 
 def _run(args):

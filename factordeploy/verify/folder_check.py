@@ -21,9 +21,9 @@ import torch
 
 from ..errors import UserError
 from ..models.registry import LoadedModel, load_model
-from ..verify.domains import DomainSample, decoder_agreement, domain_sentences, encoder_agreement
-from ..verify.ort_module import OrtModel
-from .folder import BuildFolder, check_external_data
+from ..serve.folder import BuildFolder, check_external_data
+from .domains import DomainSample, decoder_agreement, domain_sentences, encoder_agreement
+from .ort_module import OrtModel
 
 FALLBACK_MIN_COSINE = 0.9  # folders built with --no-eval record no quality to compare with
 FALLBACK_MAX_PPL_RATIO = 1.5
