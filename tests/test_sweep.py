@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _cfg(model, out, methods, ratios):
     return SweepConfig(model=str(model), methods=methods, ratios=ratios, out=str(out),
                        calib=CalibrationConfig(n=8, length=32, seed=0), sample=DomainSample(sentences=16),
-                       latency_runs=3)
+                       latency_runs=3, latency_rounds=1)
 
 
 def test_frontier():
@@ -38,6 +38,8 @@ def test_sweep_builds_resumes_and_shares_calibration(tiny_bert_dir, tmp_path):
         assert set(r["quality"]) == {"wiki", "news", "pydoc"}
         assert all(0.5 < q["cosine_mean"] <= 1.0 and q["sentences"] == 16 for q in r["quality"].values())
         assert r["export_check"] and r["onnx_mb"] < data["original"]["onnx_mb"]
+        assert r["latency_ms"] > 0 and r["build_latency_ms"] > 0
+    assert data["original"]["latency_ms"] > 0
     md = (out / "sweep.md").read_text()
     assert "| svd-whiten | 0.50 |" in md and "news (out)" in md and "wiki (in)" in md
     for p in res.plots:

@@ -72,3 +72,18 @@ def measure_latency(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], ru
     b, s = next(iter(feeds.values())).shape
     return Latency(int(b), int(s), round(statistics.median(times), 3),
                    round(times[min(len(times) - 1, int(0.9 * len(times)))], 3), len(times))
+
+
+def interleaved_latency(paths: list[str | Path], feeds: dict[str, np.ndarray], rounds: int = 6, runs_per_round: int = 5,
+                        threads: int = 0) -> list[float]:
+    """Best-of-rounds median latency (ms) of several models measured in alternation.
+
+    On a shared CPU a neighbour's load comes and goes; alternating short rounds and keeping
+    each model's best round makes the figures comparable with each other (not absolute).
+    """
+    sessions = [session(p, threads=threads) for p in paths]
+    best = [float("inf")] * len(sessions)
+    for _ in range(rounds):
+        for i, sess in enumerate(sessions):
+            best[i] = min(best[i], measure_latency(sess, feeds, runs_per_round, warmup=1).median_ms)
+    return [round(b, 3) for b in best]

@@ -38,15 +38,7 @@ def decide_ort_optimized(model_path: Path, opt_path: Path, input_names: list[str
     """Measure both files at (batch, seq); delete the optimized one unless smaller-or-equal and faster."""
     mb, ob = os.path.getsize(model_path), os.path.getsize(opt_path)
     feeds = ortmod.random_feeds(input_names, batch, seq, vocab)
-    sessions = (ortmod.session(model_path), ortmod.session(opt_path))
-    # alternate short rounds and keep each file's best round: a neighbour's load on a shared CPU
-    # then hits both alike instead of whichever happened to run during it
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, sess in enumerate(sessions):
-            best[i] = min(best[i], ortmod.measure_latency(sess, feeds, runs_per_round, warmup=1).median_ms)
-    m_ms, o_ms = round(best[0], 3), round(best[1], 3)
-    del sessions
+    m_ms, o_ms = ortmod.interleaved_latency([model_path, opt_path], feeds, rounds, runs_per_round)
     if ob > mb:
         kept, reason = False, (f"removed: {ob / 1e6:.1f} MB, larger than model.onnx ({mb / 1e6:.1f} MB)"
                                f"; {o_ms:.2f} ms vs {m_ms:.2f} ms at {batch}x{seq}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 AXES = (("onnx_mb", "stored MB (model.onnx)", "pareto_size.png"),
-        ("latency_ms", "ONNX Runtime latency, ms", "pareto_latency.png"))
+        ("latency_ms", "ONNX Runtime latency, ms (1x128, 1 thread)", "pareto_latency.png"))
 
 
 def quality_value(row: dict, domain: str, kind: str) -> float | None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..build import BuildConfig, run_build
 from ..compress.base import get_method
 from ..compress.calibration import CalibrationConfig
+from ..engines import ort as ortmod
 from ..errors import UserError
 from ..models.registry import LoadedModel, load_model
 from ..models.text import DOMAINS
@@ -42,7 +42,8 @@ class SweepConfig:
     calib: CalibrationConfig = field(default_factory=CalibrationConfig)
     domains: tuple[str, ...] = DOMAINS
     sample: DomainSample = field(default_factory=DomainSample)
-    latency_runs: int = 20
+    latency_runs: int = 20  # each build's own latency stage
+    latency_rounds: int = 6  # the sweep's interleaved measurement of all cells (what the plots use)
 
 
 @dataclass
@@ -96,8 +97,8 @@ def row_from_report(rep: dict, folder: Path) -> dict:
         "targeted_reduction": rep["size"]["targeted_reduction"],
         "weights_mb": rep["size"]["bytes_after"] / 1e6,
         "onnx_mb": os.path.getsize(folder / "model.onnx") / 1e6,
-        "latency_ms": p1["compressed"]["median_ms"], "latency_point": f"{p1['batch']}x{p1['seq']}",
-        "original_latency_ms": p1.get("original", {}).get("median_ms"),
+        "build_latency_ms": p1["compressed"]["median_ms"], "latency_point": f"{p1['batch']}x{p1['seq']}",
+        "build_original_latency_ms": p1.get("original", {}).get("median_ms"),
         "export_check": rep["fidelity"]["passed"],
         "polarity_accuracy": q.get("polarity_accuracy"),
         "polarity_accuracy_original": q.get("polarity_accuracy_original"),
@@ -154,6 +155,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         rows.append(row)
 
     original = original_row(loaded, rows, out)
+    measure_latencies(loaded, rows, original, out, cfg)
     from .pareto import write_plots
     from .table import write_tables
 
@@ -162,13 +164,34 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     return SweepResult(rows, original, md, js, plots, built, reused)
 
 
+def _baseline(rows: list[dict], out: Path) -> Path | None:
+    return next((out / "cells" / r["cell"] / "baseline.onnx" for r in rows
+                 if (out / "cells" / r["cell"] / "baseline.onnx").is_file()), None)
+
+
+def measure_latencies(loaded: LoadedModel, rows: list[dict], original: dict, out: Path, cfg: SweepConfig) -> None:
+    """Every cell's model.onnx and the original, measured together in alternation on one ORT thread.
+
+    Each build measured its own latency at its own time; on a shared CPU those figures are not
+    comparable across cells (other jobs come and go). The plots use these instead.
+    """
+    base = _baseline(rows, out)
+    paths = [out / "cells" / r["cell"] / "model.onnx" for r in rows] + ([base] if base else [])
+    log(f"latency of {len(paths)} models, interleaved (ONNX Runtime, 1 thread, batch 1 x 128)")
+    feeds = ortmod.random_feeds(loaded.input_names, 1, 128, int(getattr(loaded.model.config, "vocab_size", 1000)))
+    ms = ortmod.interleaved_latency(paths, feeds, rounds=cfg.latency_rounds, runs_per_round=5, threads=1)
+    for r, m in zip(rows, ms):
+        r["latency_ms"] = m
+    original["latency_ms"] = ms[-1] if base else None
+    for r in [*rows, original]:
+        r["latency_point"] = "1x128, 1 thread"
+
+
 def original_row(loaded: LoadedModel, rows: list[dict], out: Path) -> dict:
-    """The uncompressed model as a reference point (same metrics; its latency as measured beside each cell)."""
+    """The uncompressed model as a reference point (same metrics)."""
     from ..build import model_bytes
 
-    lat = [r["original_latency_ms"] for r in rows if r.get("original_latency_ms")]
-    base = next((out / "cells" / r["cell"] / "baseline.onnx" for r in rows
-                 if (out / "cells" / r["cell"] / "baseline.onnx").is_file()), None)
+    base = _baseline(rows, out)
     q = {}
     for r in rows[:1]:
         for d, v in r["quality"].items():
@@ -177,5 +200,5 @@ def original_row(loaded: LoadedModel, rows: list[dict], out: Path) -> dict:
     return {"cell": "original", "method": "original", "ratio": 0.0, "targeted_reduction": 0.0,
             "weights_mb": model_bytes(loaded.model)[1] / 1e6,
             "onnx_mb": os.path.getsize(base) / 1e6 if base else None,
-            "latency_ms": statistics.median(lat) if lat else None, "quality": q, "export_check": None,
+            "quality": q, "export_check": None,
             "polarity_accuracy": next((r.get("polarity_accuracy_original") for r in rows), None)}

@@ -25,14 +25,15 @@ def write_tables(cfg, rows: list[dict], original: dict, out: Path) -> tuple[Path
     js.write_text(json.dumps({"config": asdict(cfg), "kind": kind, "original": original, "rows": rows,
                               "pareto_size": {d: sorted(v) for d, v in on_front.items()}}, indent=2, default=str) + "\n")
     qname = "embedding cosine vs original" if higher else "perplexity"
-    head = ["method", "ratio", "targeted -%", "weights MB", "model.onnx MB", "latency ms"] + \
+    head = ["method", "ratio", "targeted -%", "weights MB", "model.onnx MB", "latency ms (1 thread)"] + \
            [f"{d} {'(in)' if d == 'wiki' else '(out)'}" for d in cfg.domains] + \
            (["polarity acc"] if higher else []) + ["export check", "on size frontier"]
     lines = [f"# Sweep: {cfg.model}, methods {', '.join(cfg.methods)}, ratios {', '.join(f'{r:g}' for r in cfg.ratios)}",
              "",
              f"Quality = {qname} of model.onnx (ONNX Runtime) on {', '.join(cfg.domains)}: wiki is the held-out "
              "split (in domain), the others were never calibrated on (out of domain). Latency: ONNX Runtime CPU, "
-             f"batch x seq {rows[0]['latency_point'] if rows else '-'}, median. Calibration: {cfg.calib.n} x "
+             "batch 1 x 128, one intra-op thread, all models measured together in alternation (best of "
+             f"{cfg.latency_rounds} rounds of 5 runs, median per round). Calibration: {cfg.calib.n} x "
              f"{cfg.calib.length} tokens, collected once for all cells.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in [original, *rows]:
