@@ -1,7 +1,7 @@
 """Pareto frontiers and the sweep's plots (matplotlib, Agg backend, PNG).
 
 Two figures, one panel per text domain (wiki in domain; news, pydoc out of domain):
-quality vs stored MB (model.onnx on disk) and quality vs ONNX Runtime latency. Quality is the
+quality vs stored weight MB (the compressed form's bytes) and quality vs ONNX Runtime latency. Quality is the
 mean embedding cosine vs the original (encoders, higher is better) or perplexity (decoders,
 lower is better). The frontier joins the cells no other cell beats on both axes.
 """
@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-AXES = (("onnx_mb", "stored MB (model.onnx)", "pareto_size.png"),
+AXES = (("weights_mb", "stored weight MB (compressed form)", "pareto_size.png"),
         ("latency_ms", "ONNX Runtime latency, ms (1x128, 1 thread)", "pareto_latency.png"))
+
+
+def refolded(row: dict) -> int:
+    """Layers whose model.onnx lowering refolds them to dense (older rows: the sparse-dict pass's count)."""
+    return int(row.get("refolded_layers") or (row.get("sparse_dict_lowering") or {}).get("dense", 0))
 
 
 def quality_value(row: dict, domain: str, kind: str) -> float | None:
@@ -57,7 +62,9 @@ def write_plots(cfg, kind: str, rows: list[dict], original: dict, out: Path) -> 
                 if r is original:
                     ax.scatter([x], [y], marker="*", s=160, color="black", zorder=3, label="original")
                 else:
-                    ax.scatter([x], [y], color=colors[r["method"]], s=46, zorder=3,
+                    c = colors[r["method"]]
+                    ax.scatter([x], [y], s=46, zorder=3, edgecolors=c, linewidths=1.5,
+                               facecolors="none" if refolded(r) else c,
                                label=r["method"] if r["ratio"] == min(rr["ratio"] for rr in rows if rr["method"] == r["method"]) else None)
                     ax.annotate(f"{r['ratio']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
             f = frontier(pts, higher)
@@ -72,8 +79,13 @@ def write_plots(cfg, kind: str, rows: list[dict], original: dict, out: Path) -> 
             ax.grid(alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-        fig.suptitle(f"{cfg.model}: quality vs {xlabel.split(',')[0]} (labels: --ratio; ORT CPU, model.onnx)")
-        fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+        fig.suptitle(f"{cfg.model}: quality vs {xlabel.split(',')[0].split(' (')[0]} (labels: --ratio; quality and "
+                     "latency of model.onnx on ONNX Runtime CPU)")
+        if any(refolded(r) for r in rows):
+            fig.text(0.5, 0.005, "hollow: model.onnx refolds these layers to dense matrices for CPU speed, so that file "
+                     "is not smaller; the compressed form is in the TensorRT graph or with --ort-sparse-dict gather",
+                     ha="center", fontsize=8, style="italic")
+        fig.tight_layout(rect=(0, 0.1, 1, 0.95))
         p = out / fname
         fig.savefig(p, dpi=110)
         plt.close(fig)

@@ -106,6 +106,9 @@ def row_from_report(rep: dict, folder: Path) -> dict:
         "calibration_reused": ((rep.get("calibration") or {}).get("stats_store") or {}).get("grams_reused", 0),
         "custom_op_lowering": next(({op: {h: n for h, n in d.items() if isinstance(n, int)} for op, d in p["ops"].items()}
                                     for p in rep.get("passes", []) if p["pass"] == "lower-custom-ops" and p.get("ops")), None),
+        # layers model.onnx stores refolded to a dense matrix (fast on CPU, no bytes saved in that file)
+        "refolded_layers": sum(d.get(h, 0) for p in rep.get("passes", []) if p["pass"] == "lower-custom-ops"
+                               for d in (p.get("ops") or {}).values() for h in d.get("refolding", [])),
     }
 
 

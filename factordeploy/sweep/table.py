@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .pareto import frontier, quality_value
+from .pareto import frontier, quality_value, refolded
 
 
 def _f(x, nd: int = 2) -> str:
@@ -18,8 +18,8 @@ def write_tables(cfg, rows: list[dict], original: dict, out: Path) -> tuple[Path
     higher = kind == "encoder"
     on_front = {}
     for d in cfg.domains:
-        pts = [(r["onnx_mb"], quality_value(r, d, kind), r["cell"]) for r in [*rows, original]
-               if r.get("onnx_mb") is not None and quality_value(r, d, kind) is not None]
+        pts = [(r["weights_mb"], quality_value(r, d, kind), r["cell"]) for r in [*rows, original]
+               if quality_value(r, d, kind) is not None]
         on_front[d] = {p[2] for p in frontier(pts, higher)}
     js = out / "sweep.json"
     js.write_text(json.dumps({"config": asdict(cfg), "kind": kind, "original": original, "rows": rows,
@@ -46,7 +46,15 @@ def write_tables(cfg, rows: list[dict], original: dict, out: Path) -> tuple[Path
         cells.append("-" if ec is None else ("passed" if ec else "FAILED"))
         cells.append(", ".join(d for d in cfg.domains if r["cell"] in on_front[d]) or "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Plots: `pareto_size.png` (quality vs stored MB), `pareto_latency.png` (quality vs latency).", ""]
+    folded = [r["cell"] for r in rows if refolded(r)]
+    lines += ["", "weights MB: bytes the compressed model stores (every factor, index and value at its storage "
+              "width); model.onnx MB: the ONNX Runtime file. \"on size frontier\": no other row has both fewer "
+              "weight MB and better quality on that domain."]
+    if folded:
+        lines += ["", f"{', '.join(folded)}: model.onnx refolds {max(refolded(r) for r in rows)} layers to dense matrices "
+                  "(the cost model's choice for CPU speed), so that file is not smaller than the original; the TensorRT "
+                  "graph and `--ort-sparse-dict gather` keep the compressed form."]
+    lines += ["", "Plots: `pareto_size.png` (quality vs stored weight MB), `pareto_latency.png` (quality vs latency).", ""]
     md = out / "sweep.md"
     md.write_text("\n".join(lines))
     return md, js
