@@ -74,16 +74,18 @@ def measure_latency(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], ru
                    round(times[min(len(times) - 1, int(0.9 * len(times)))], 3), len(times))
 
 
-def interleaved_latency(paths: list[str | Path], feeds: dict[str, np.ndarray], rounds: int = 6, runs_per_round: int = 5,
+def interleaved_latency(paths: list[str | Path], feeds: dict[str, np.ndarray], rounds: int = 10, runs_per_round: int = 3,
                         threads: int = 0) -> list[float]:
-    """Best-of-rounds median latency (ms) of several models measured in alternation.
+    """Latency (ms) of several models measured in alternation: the median over rounds of each round's median.
 
-    On a shared CPU a neighbour's load comes and goes; alternating short rounds and keeping
-    each model's best round makes the figures comparable with each other (not absolute).
+    On a shared CPU a neighbour's load comes and goes; alternating short rounds spreads it over
+    all models alike, so the figures are comparable with each other. The median over rounds was
+    steadier than the best round (measured on MiniLM under load: two files of identical compute
+    stayed within 5% of each other across repeats, the best round differed by up to 2x).
     """
     sessions = [session(p, threads=threads) for p in paths]
-    best = [float("inf")] * len(sessions)
+    per_round: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
         for i, sess in enumerate(sessions):
-            best[i] = min(best[i], measure_latency(sess, feeds, runs_per_round, warmup=1).median_ms)
-    return [round(b, 3) for b in best]
+            per_round[i].append(measure_latency(sess, feeds, runs_per_round, warmup=1).median_ms)
+    return [round(statistics.median(r), 3) for r in per_round]

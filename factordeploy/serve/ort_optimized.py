@@ -33,8 +33,8 @@ class OptimizedDecision:
 
 
 def decide_ort_optimized(model_path: Path, opt_path: Path, input_names: list[str], vocab: int,
-                         batch: int = 1, seq: int = 128, rounds: int = 6,
-                         runs_per_round: int = 5) -> OptimizedDecision:
+                         batch: int = 1, seq: int = 128, rounds: int = 10,
+                         runs_per_round: int = 3) -> OptimizedDecision:
     """Measure both files at (batch, seq); delete the optimized one unless smaller-or-equal and faster."""
     mb, ob = os.path.getsize(model_path), os.path.getsize(opt_path)
     feeds = ortmod.random_feeds(input_names, batch, seq, vocab)

@@ -43,7 +43,7 @@ class SweepConfig:
     domains: tuple[str, ...] = DOMAINS
     sample: DomainSample = field(default_factory=DomainSample)
     latency_runs: int = 20  # each build's own latency stage
-    latency_rounds: int = 6  # the sweep's interleaved measurement of all cells (what the plots use)
+    latency_rounds: int = 10  # the sweep's interleaved measurement of all cells (what the plots use)
 
 
 @dataclass
@@ -182,7 +182,7 @@ def measure_latencies(loaded: LoadedModel, rows: list[dict], original: dict, out
     paths = [out / "cells" / r["cell"] / "model.onnx" for r in rows] + ([base] if base else [])
     log(f"latency of {len(paths)} models, interleaved (ONNX Runtime, 1 thread, batch 1 x 128)")
     feeds = ortmod.random_feeds(loaded.input_names, 1, 128, int(getattr(loaded.model.config, "vocab_size", 1000)))
-    ms = ortmod.interleaved_latency(paths, feeds, rounds=cfg.latency_rounds, runs_per_round=5, threads=1)
+    ms = ortmod.interleaved_latency(paths, feeds, rounds=cfg.latency_rounds, runs_per_round=3, threads=1)
     for r, m in zip(rows, ms):
         r["latency_ms"] = m
     original["latency_ms"] = ms[-1] if base else None

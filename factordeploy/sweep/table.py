@@ -32,8 +32,8 @@ def write_tables(cfg, rows: list[dict], original: dict, out: Path) -> tuple[Path
              "",
              f"Quality = {qname} of model.onnx (ONNX Runtime) on {', '.join(cfg.domains)}: wiki is the held-out "
              "split (in domain), the others were never calibrated on (out of domain). Latency: ONNX Runtime CPU, "
-             "batch 1 x 128, one intra-op thread, all models measured together in alternation (best of "
-             f"{cfg.latency_rounds} rounds of 5 runs, median per round). Calibration: {cfg.calib.n} x "
+             "batch 1 x 128, one intra-op thread, all models measured together in alternation (median over "
+             f"{cfg.latency_rounds} rounds of each round's median of 3 runs). Calibration: {cfg.calib.n} x "
              f"{cfg.calib.length} tokens, collected once for all cells.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in [original, *rows]:
