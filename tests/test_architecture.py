@@ -22,10 +22,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("passes",),
     ("plugins",),
     ("engines",),
-    ("serve",),                          # serving a build: HF/Optimum files, Triton repository, folder reading
+    ("serve",),                          # generation runtime, files for other stacks, Triton repository, folder reading
     ("verify",),
-    ("report", "pipeline"),
-    ("build",),
+    ("report", "config"),                # typed report; BuildConfig + input checks
+    ("stages",),                         # the build's stage functions over BuildState
+    ("build", "pipeline"),               # the stage list for `deploy build`; the benchmarks' use of it
     ("sweep",),                          # runs builds
     ("cli", "cli_serving"),
 ]

@@ -13,6 +13,7 @@ from factordeploy.compress.layers import LowRankLinear
 from factordeploy.compress.targets import find_targets
 from factordeploy.engines import ort as ortmod
 from factordeploy.export import export_onnx
+from factordeploy.export.kv_cache import CacheSpec, step_inputs
 from factordeploy.models import load_model
 from factordeploy.passes.annotate import factorized_nodes, read_manifest
 from factordeploy.passes.pipeline import PassContext, run_pipeline
@@ -75,7 +76,11 @@ def test_onnxruntime_matches_torch(fixture, request, tmp_path):
         inputs = loaded.example_inputs(batch, seq)
         with torch.no_grad():
             ref = loaded.output(loaded.model, inputs).numpy()
-        got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        feeds = {k: v.numpy() for k, v in inputs.items()}
+        if loaded.kind == "decoder":  # the KV-cache graph: a prefill with past length 0
+            spec = CacheSpec.from_config(loaded.model.config)
+            feeds = step_inputs(feeds["input_ids"], feeds["attention_mask"]) | spec.empty_past(batch)
+        got = sess.run(None, feeds)[0]
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
 
@@ -85,6 +90,11 @@ def test_ort_optimized_model_keeps_factors(tiny_bert_dir, tmp_path):
     opt = tmp_path / "opt.onnx"
     ortmod.session(path, optimized_out=opt)
     g = onnx.load(str(opt)).graph
-    ranks = {m.rank for m in loaded.model.modules() if isinstance(m, LowRankLinear)}
-    shapes = [tuple(i.dims) for i in g.initializer if len(i.dims) == 2]
-    assert any(min(s) in ranks for s in shapes), "rank-r factors must survive ORT's optimizer"
+    inits = [numpy_helper.to_array(i) for i in g.initializer if len(i.dims) == 2]
+    lowrank = [m for m in loaded.model.modules() if isinstance(m, LowRankLinear)]
+    assert lowrank
+    for layer in lowrank:  # both factors of every layer are still in ORT's optimized graph, value for value
+        for factor in (layer.A.detach().numpy().T, layer.B.detach().numpy().T):
+            assert any(a.shape == factor.shape and np.array_equal(a, factor) for a in inits), factor.shape
+    dense = {(m.in_features, m.out_features) for m in lowrank}
+    assert not any(a.shape in dense for a in inits), "ORT's optimizer refolded a low-rank layer into a dense W"

@@ -71,7 +71,7 @@ def test_larger_ort_optimized_graph_is_removed(tmp_path):
     big.CopyFrom(m)
     big.graph.initializer.append(numpy_helper.from_array(np.zeros(200_000, np.float32), "unused_padding"))
     onnx.save(big, tmp_path / "model.ort-optimized.onnx")
-    d = decide_ort_optimized(tmp_path / "model.onnx", tmp_path / "model.ort-optimized.onnx", ["input_ids"], 1000,
+    d = decide_ort_optimized(tmp_path / "model.onnx", tmp_path / "model.ort-optimized.onnx", 1000,
                              batch=1, seq=8, rounds=1, runs_per_round=5)
     assert not d.kept and "larger" in d.reason
     assert not (tmp_path / "model.ort-optimized.onnx").exists()

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..export.kv_cache import PAST
+
 
 def providers() -> list[str]:
     avail = ort.get_available_providers()
@@ -38,6 +40,20 @@ def random_feeds(input_names: list[str], batch: int, seq: int, vocab: int, seed:
             feeds[n] = np.ones((batch, seq), dtype=np.int64)
         else:
             feeds[n] = np.zeros((batch, seq), dtype=np.int64)
+    return feeds
+
+
+def session_feeds(sess: ort.InferenceSession, batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds for every input of `sess` at (batch, seq); a KV-cache graph gets past length 0
+    (the first pass over a prompt of `seq` tokens)."""
+    names = [i.name for i in sess.get_inputs()]
+    feeds = random_feeds([n for n in names if n != "position_ids" and not n.startswith("past_")], batch, seq, vocab, seed)
+    for i in sess.get_inputs():
+        if i.name == "position_ids":
+            feeds[i.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif i.name.startswith("past_"):
+            shape = [batch if ax == 0 else 0 if d == PAST else d for ax, d in enumerate(i.shape)]
+            feeds[i.name] = np.zeros(shape, np.float32)
     return feeds
 
 
@@ -74,8 +90,8 @@ def measure_latency(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], ru
                    round(times[min(len(times) - 1, int(0.9 * len(times)))], 3), len(times))
 
 
-def interleaved_latency(paths: list[str | Path], feeds: dict[str, np.ndarray], rounds: int = 10, runs_per_round: int = 3,
-                        threads: int = 0) -> list[float]:
+def interleaved_latency(paths: list[str | Path], batch: int, seq: int, vocab: int, rounds: int = 10,
+                        runs_per_round: int = 3, threads: int = 0) -> list[float]:
     """Latency (ms) of several models measured in alternation: the median over rounds of each round's median.
 
     On a shared CPU a neighbour's load comes and goes; alternating short rounds spreads it over
@@ -84,8 +100,9 @@ def interleaved_latency(paths: list[str | Path], feeds: dict[str, np.ndarray], r
     stayed within 5% of each other across repeats, the best round differed by up to 2x).
     """
     sessions = [session(p, threads=threads) for p in paths]
+    feeds = [session_feeds(sess, batch, seq, vocab) for sess in sessions]  # same seed: same tokens for all
     per_round: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
         for i, sess in enumerate(sessions):
-            per_round[i].append(measure_latency(sess, feeds, runs_per_round, warmup=1).median_ms)
+            per_round[i].append(measure_latency(sess, feeds[i], runs_per_round, warmup=1).median_ms)
     return [round(statistics.median(r), 3) for r in per_round]

@@ -32,14 +32,13 @@ class OptimizedDecision:
         return asdict(self)
 
 
-def decide_ort_optimized(model_path: Path, opt_path: Path, input_names: list[str], vocab: int,
+def decide_ort_optimized(model_path: Path, opt_path: Path, vocab: int,
                          batch: int = 1, seq: int = 128, rounds: int = 10,
                          runs_per_round: int = 3) -> OptimizedDecision:
     """Measure both files at (batch, seq), one thread; delete the optimized one unless smaller-or-equal and faster."""
     mb, ob = os.path.getsize(model_path), os.path.getsize(opt_path)
-    feeds = ortmod.random_feeds(input_names, batch, seq, vocab)
     # one intra-op thread: with ORT's default (all cores) a neighbour's job on a shared CPU swamps the difference
-    m_ms, o_ms = ortmod.interleaved_latency([model_path, opt_path], feeds, rounds, runs_per_round, threads=1)
+    m_ms, o_ms = ortmod.interleaved_latency([model_path, opt_path], batch, seq, vocab, rounds, runs_per_round, threads=1)
     if ob > mb:
         kept, reason = False, (f"removed: {ob / 1e6:.1f} MB, larger than model.onnx ({mb / 1e6:.1f} MB)"
                                f"; {o_ms:.2f} ms vs {m_ms:.2f} ms at {batch}x{seq}")

@@ -28,7 +28,7 @@ from ..models.registry import LoadedModel, load_model
 from ..models.text import DOMAINS
 from ..progress import log
 from ..verify.domains import DomainSample, decoder_agreement, encoder_agreement
-from ..verify.ort_module import OrtModel
+from ..engines.ort_model import OrtModel
 
 
 @dataclass
@@ -146,14 +146,14 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             log(f"cell {i}/{len(cells)} {name}: building")
             rep = run_build(BuildConfig(model=cfg.model, method=method, ratio=ratio, out=str(folder), seed=cfg.seed,
                                         calib=cfg.calib, backend=cfg.backend, calib_cache=str(out / "calib-cache"),
-                                        latency_points=((1, 128),), latency_runs=cfg.latency_runs)).report
+                                        latency_points=((1, 128),), latency_runs=cfg.latency_runs)).report.to_dict()
             built += 1
         else:
             log(f"cell {i}/{len(cells)} {name}: build folder finished earlier, scoring it")
             reused += 1
         log(f"cell {i}/{len(cells)} {name}: quality of model.onnx on {', '.join(cfg.domains)}")
         row = {"config": want, "cell": name, "method": method, "ratio": ratio, **row_from_report(rep, folder),
-               "quality": scorer.score(OrtModel(folder / "model.onnx", loaded.output_name))}
+               "quality": scorer.score(OrtModel(folder / "model.onnx"))}
         _write_json(row_path, row)
         rows.append(row)
 
@@ -181,8 +181,8 @@ def measure_latencies(loaded: LoadedModel, rows: list[dict], original: dict, out
     base = _baseline(rows, out)
     paths = [out / "cells" / r["cell"] / "model.onnx" for r in rows] + ([base] if base else [])
     log(f"latency of {len(paths)} models, interleaved (ONNX Runtime, 1 thread, batch 1 x 128)")
-    feeds = ortmod.random_feeds(loaded.input_names, 1, 128, int(getattr(loaded.model.config, "vocab_size", 1000)))
-    ms = ortmod.interleaved_latency(paths, feeds, rounds=cfg.latency_rounds, runs_per_round=3, threads=1)
+    vocab = int(getattr(loaded.model.config, "vocab_size", 1000))
+    ms = ortmod.interleaved_latency(paths, 1, 128, vocab, rounds=cfg.latency_rounds, runs_per_round=3, threads=1)
     for r, m in zip(rows, ms):
         r["latency_ms"] = m
     original["latency_ms"] = ms[-1] if base else None
@@ -192,7 +192,7 @@ def measure_latencies(loaded: LoadedModel, rows: list[dict], original: dict, out
 
 def original_row(loaded: LoadedModel, rows: list[dict], out: Path) -> dict:
     """The uncompressed model as a reference point (same metrics)."""
-    from ..build import model_bytes
+    from ..stages import model_bytes
 
     base = _baseline(rows, out)
     q = {}

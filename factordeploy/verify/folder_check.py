@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..models.registry import LoadedModel, load_model
 from ..serve.folder import BuildFolder, check_external_data
 from .domains import DomainSample, decoder_agreement, domain_sentences, encoder_agreement
-from .ort_module import OrtModel
+from ..engines.ort_model import OrtModel
 
 FALLBACK_MIN_COSINE = 0.9  # folders built with --no-eval record no quality to compare with
 FALLBACK_MAX_PPL_RATIO = 1.5
@@ -74,7 +74,7 @@ def artifacts_agree(bf: BuildFolder, loaded: LoadedModel, cfg: VerifyConfig) -> 
     if not opt.is_file():
         return out
     check_external_data(opt, bf.path)
-    ref, test = OrtModel(bf.model, loaded.output_name), OrtModel(opt, loaded.output_name)
+    ref, test = OrtModel(bf.model), OrtModel(opt)
     texts = domain_sentences(cfg.sample)[:8]
     worst, passed = 0.0, True
     for i in range(0, len(texts), 4):
@@ -96,7 +96,7 @@ def verify_folder(bf: BuildFolder, cfg: VerifyConfig) -> dict:
         raise UserError(f"the original model is a {loaded.kind} but the folder holds a {kind}",
                         "pass the right model with --original")
     checks = artifacts_agree(bf, loaded, cfg)
-    test = OrtModel(bf.model, loaded.output_name)
+    test = OrtModel(bf.model)
     th = thresholds(bf.report, cfg)
     with torch.no_grad():
         if kind == "encoder":

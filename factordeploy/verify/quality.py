@@ -88,9 +88,11 @@ def encoder_quality(loaded: LoadedModel, model: nn.Module, ref: EncoderReference
     }
 
 
-def perplexity(loaded: LoadedModel, model: nn.Module, cfg: EvalConfig, device: str = "cpu") -> float:
-    """exp(mean next-token NLL) over `ppl_windows` consecutive windows of `ppl_len` tokens."""
-    stream = loaded.token_ids(textmod.evaluation_articles())
+def perplexity(loaded: LoadedModel, model: nn.Module, cfg: EvalConfig, device: str = "cpu",
+               texts: list[str] | None = None) -> float:
+    """exp(mean next-token NLL) over `ppl_windows` consecutive windows of `ppl_len` tokens of
+    `texts` (default: the evaluation split; see models.text.domain_texts for other domains)."""
+    stream = loaded.token_ids(texts if texts is not None else textmod.evaluation_articles())
     need = cfg.ppl_windows * cfg.ppl_len
     if len(stream) < need:
         raise ValueError(f"evaluation text has {len(stream)} tokens, need {need}")
@@ -99,7 +101,7 @@ def perplexity(loaded: LoadedModel, model: nn.Module, cfg: EvalConfig, device: s
 
 
 def window_perplexity(loaded: LoadedModel, model: nn.Module, windows: list[list[int]], device: str = "cpu") -> float:
-    """exp(mean next-token NLL) of `model` (torch, or verify.ort_module.OrtModel) over token windows."""
+    """exp(mean next-token NLL) of `model` (torch, or engines.ort_model.OrtModel) over token windows."""
     nll, count = 0.0, 0
     with torch.no_grad():
         for w in track(windows, "perplexity"):
