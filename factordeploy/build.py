@@ -1,14 +1,14 @@
 """`deploy build`: load -> evaluate original -> compress -> export -> passes -> engines -> verify -> report.
 
 Everything is written into a temporary sibling folder and moved onto --out only when the
-whole build succeeded, so a failure never leaves a half-written artifact.
+whole build succeeded, so a failure never leaves a half-written artifact (outdir.py: the
+--out rules, lock and atomic replace).
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +21,9 @@ from .compress.base import CompressContext, CompressResult, get_method
 from .compress.calibration import Calibration, CalibrationConfig
 from .compress.targets import DEFAULT_EXCLUDE, find_targets
 from .errors import UserError
+from .models import text as textmod
 from .models.registry import LoadedModel, load_model
+from .outdir import check_out, out_transaction
 from .progress import log, stage
 
 
@@ -31,6 +33,7 @@ class BuildConfig:
     method: str = "svd"
     ratio: float = 0.5
     out: str = "build/out"
+    overwrite: bool = False  # replace an --out that deploy did not write (outdir.check_out)
     device: str = "cpu"
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
@@ -69,17 +72,18 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.ort_sparse_dict not in ("cost", "gather", "dense"):
         raise UserError(f"unknown --ort-sparse-dict '{cfg.ort_sparse_dict}'", "use cost, gather or dense")
     check_engine_config(cfg)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"--out {out} is not writable: {probe} is a file", "choose a folder you can write to")
-    if not os.access(probe, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UserError(f"--out {out} is not writable", "choose a folder you can write to")
+    if cfg.calib.text_file is not None:
+        textmod.read_text_input(cfg.calib.text_file, "--calib-data")
+    check_out(cfg.out, cfg.overwrite, input_paths(cfg))
+
+
+def input_paths(cfg: BuildConfig) -> list[str]:
+    """Everything the build reads or resumes from; --out may never contain one of them."""
+    paths = [cfg.model] if Path(cfg.model).exists() else []
+    if cfg.calib.text_file:
+        paths.append(cfg.calib.text_file)
+    paths += [v for v in cfg.options.values() if isinstance(v, str) and v]  # checkpoint folders, data files
+    return paths
 
 
 def check_engine_config(cfg: BuildConfig) -> None:
@@ -105,32 +109,14 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def run_build(cfg: BuildConfig) -> BuildResult:
     check_config(cfg)
     out = Path(cfg.out)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.resolve().parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with out_transaction(out, cfg.overwrite, input_paths(cfg)) as tmp:
         report = _build_into(cfg, tmp)
         report["artifacts"] = {k: str(out / Path(v).name) for k, v in report["artifacts"].items()}
         from .report import write_report
         write_report(report, tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"artifact: {out / 'model.onnx'}  report: {out / 'report.md'}")
     return BuildResult(out, report)
 
@@ -171,6 +157,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     ctx = CompressContext(ratio=cfg.ratio, device=cfg.device, seed=cfg.seed, options=dict(cfg.options))
     if method.uses_calibration(ctx.options):
         ctx.calibration = Calibration(loaded, cfg.calib, cfg.device)
+        ctx.calibration.windows()  # tokenized now: too little text fails before any compression work
     with stage(f"compress ({cfg.method})", timings):
         result: CompressResult = method.compress(model, targets, ctx)
     model.eval()
@@ -261,8 +248,6 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
 
 def fidelity_feeds(loaded: LoadedModel) -> list[dict]:
     """Real tokenized held-out text at two shapes (dynamic axes exercised)."""
-    from .models import text as textmod
-
     sents = textmod.sentences(textmod.evaluation_articles())
     feeds = []
     for i, (n, max_len) in enumerate(((2, 32), (4, 64))):

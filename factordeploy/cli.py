@@ -7,17 +7,29 @@ from typing import Any
 
 import click
 
-from .errors import UserError
+from .errors import UserError, disk_full
+from .interrupts import Interrupted, signals_as_exceptions
 
 
 class _Group(click.Group):
-    """Turns UserError into one line on stderr and exit code 2 (never a traceback)."""
+    """Turns UserError (and a full disk) into one line on stderr and exit code 2, a signal into one
+    line and exit code 128 + signum: never a traceback, and every clean-up runs first."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with signals_as_exceptions():
+                return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e.message}", err=True)
+            ctx.exit(2)
+        except Interrupted as e:
+            click.echo(f"error: {e}; partial output removed, --out unchanged", err=True)
+            ctx.exit(e.exit_code)
+        except Exception as e:
+            full = disk_full(e)
+            if full is None:
+                raise
+            click.echo(f"error: {full.message}", err=True)
             ctx.exit(2)
 
 

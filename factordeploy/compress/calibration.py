@@ -51,8 +51,11 @@ class Calibration:
 
     def windows(self) -> list[list[int]]:
         if self._windows is None:
-            docs = textmod.load_user_text(self.config.text_file) if self.config.text_file else textmod.calibration_articles()
+            user = self.config.text_file
+            docs = textmod.read_text_input(user, "--calib-data") if user else textmod.calibration_articles()
             stream = self.loaded.token_ids(docs)
+            if user:
+                textmod.check_token_budget(len(stream), self.config.n, self.config.length, f"--calib-data {user}")
             self._windows = textmod.sample_windows(stream, self.config.n, self.config.length, self.config.seed)
         return self._windows
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..progress import log
+from . import checks
+from .conv1d import conv1d_to_linear
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -84,21 +86,32 @@ def _quiet_transformers() -> None:
 
 
 def _hf_load(path: str, gguf_file: str | None = None) -> tuple[nn.Module, object, Kind]:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """Load a folder (or GGUF file) through transformers; every failure is a named UserError (checks.py)."""
+    from transformers import AutoConfig
 
     _quiet_transformers()
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
+    if not gguf_file:
+        folder = Path(path)
+        checks.check_architecture_name(folder, checks.read_config(folder))
+        checks.check_weight_files(folder)
     try:
         config = AutoConfig.from_pretrained(path, **kw)
     except Exception as e:
-        raise UserError(f"'{path}' is not a Hugging Face model folder ({type(e).__name__})",
-                        "pass a folder with config.json and weights, or a name from `deploy models`") from e
+        raise UserError(f"config.json in '{path}' does not load ({type(e).__name__}: {checks._first_line(e)})",
+                        "restore config.json from the model's original files") from None
     archs = config.architectures or []
-    decoder = any(a.endswith("ForCausalLM") for a in archs) or bool(getattr(config, "is_decoder", False))
-    cls = AutoModelForCausalLM if decoder else AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32, **kw)
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    decoder = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
+    cls = checks.model_class(config, decoder, path)
+    tok = checks.load_tokenizer(path, config, **kw)
+    with checks.named_load_errors(path):
+        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kw)
+    checks.check_loading_info(info, path)
+    converted = conv1d_to_linear(model)
+    if converted:
+        log(f"{len(converted)} GPT-2-style Conv1D projections converted to nn.Linear (exact transpose)")
+    checks.check_finite(model, path)
     if decoder and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok, "decoder" if decoder else "encoder"
@@ -180,6 +193,8 @@ def load_model(name_or_path: str) -> LoadedModel:
     if p.is_dir():
         model, tok, kind = _hf_load(str(p))
         return _finish(p.name, str(p), model, tok, kind)
+    if p.is_file():
+        raise UserError(f"--model {name_or_path} is a file", "pass the folder that holds it with config.json and the tokenizer")
     if os.sep in name_or_path or name_or_path.startswith("."):
         raise UserError(f"model folder not found: {name_or_path}", "check the path, or use a name from `deploy models`")
     raise UserError(f"unknown model '{name_or_path}'",
