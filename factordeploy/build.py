@@ -174,13 +174,14 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
 
     import onnx
 
+    from .export.onnx_files import load_onnx
     from .passes.pipeline import PassContext, run_pipeline
 
     factorized = {r.name: r.after for r in result.layers if r.after.get("kind") != "dense"}
     pctx = PassContext(layers=factorized, target="ort")
     model_path = tmp / "model.onnx"
     with stage("graph passes (onnx-graphsurgeon)", timings):
-        proto = run_pipeline(onnx.load(str(raw_path)), ort_pipeline(cfg.ort_sparse_dict), pctx)
+        proto = run_pipeline(load_onnx(raw_path), ort_pipeline(cfg.ort_sparse_dict), pctx)
         onnx.save_model(proto, str(model_path))
 
     with stage("ONNX Runtime session + optimized model", timings):

@@ -54,6 +54,8 @@ def _method_options(f):
 @click.option("--ratio", type=float, default=0.5, show_default=True,
               help="fraction of the targeted layers' stored bytes to remove, 0 < ratio < 1")
 @click.option("--out", default=None, help="output folder [default: build/<model>-<method>]")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing --out that deploy did not write (a folder deploy wrote is replaced anyway)")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib", type=int, default=128, show_default=True, help="calibration samples")
@@ -74,7 +76,7 @@ def _method_options(f):
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @_method_options
-def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
+def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
           quiet, backend, precision, sparse_weights, ort_sparse_dict, trt_batch, trt_seq, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     from .build import BuildConfig, run_build
@@ -86,7 +88,7 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
     options = method_options(method, method_opts)
-    cfg = BuildConfig(model=model, method=method, ratio=ratio, out=out or f"build/{model.replace('/', '_')}-{method}",
+    cfg = BuildConfig(model=model, method=method, ratio=ratio, out=out or f"build/{model.replace('/', '_')}-{method}", overwrite=overwrite,
                       device=device, seed=seed, options=options,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..export.onnx_files import check_onnx_file
+
 
 def providers() -> list[str]:
     avail = ort.get_available_providers()
@@ -18,6 +20,7 @@ def providers() -> list[str]:
 
 def session(path: str | Path, optimized_out: str | Path | None = None, threads: int = 0) -> ort.InferenceSession:
     """A session; if `optimized_out` is given, ORT writes its optimized graph there (portable level)."""
+    check_onnx_file(path)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

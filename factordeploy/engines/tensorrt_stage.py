@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx
 
+from ..export.onnx_files import load_onnx
 from ..progress import log, stage
 from .trt_module import choose_backend, describe
 
@@ -40,7 +41,7 @@ def engine_stage(cfg: Any, feeds: list[dict], raw_path: Path, model_path: Path, 
     trt_onnx = tmp / "model.trt.onnx"
     pctx = PassContext(layers=layers, target="trt")
     with stage(f"graph passes for TensorRT ({cfg.precision})", timings):
-        proto = run_pipeline(onnx.load(str(raw_path)), trt_pipeline(cfg.precision), pctx)
+        proto = run_pipeline(load_onnx(raw_path), trt_pipeline(cfg.precision), pctx)
         onnx.save_model(proto, str(trt_onnx))
     report["passes"] = pctx.log
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..outdir import atomic_path
 from ..progress import log
 from . import checks
 from .conv1d import conv1d_to_linear
@@ -93,9 +94,7 @@ def _hf_load(path: str, gguf_file: str | None = None) -> tuple[nn.Module, object
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     if not gguf_file:
-        folder = Path(path)
-        checks.check_architecture_name(folder, checks.read_config(folder))
-        checks.check_weight_files(folder)
+        checks.check_architecture_name(Path(path), checks.read_config(Path(path)))
     try:
         config = AutoConfig.from_pretrained(path, **kw)
     except Exception as e:
@@ -104,6 +103,8 @@ def _hf_load(path: str, gguf_file: str | None = None) -> tuple[nn.Module, object
     archs = config.architectures or []
     decoder = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
     cls = checks.model_class(config, decoder, path)
+    if not gguf_file:
+        checks.check_weight_files(Path(path))
     tok = checks.load_tokenizer(path, config, **kw)
     with checks.named_load_errors(path):
         model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kw)
@@ -165,11 +166,9 @@ def smollm2_fp32_folder() -> Path:
         del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(src.state_dict())
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 

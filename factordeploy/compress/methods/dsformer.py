@@ -23,7 +23,6 @@ reading its abstract implies: projection in the forward, straight-through backwa
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import click
@@ -37,6 +36,7 @@ from ..objective import hidden_distillation
 from ..linalg import output_error, truncated_svd
 from ..targets import set_module
 from ...errors import UserError
+from ...outdir import atomic_path
 from ...progress import log, track
 
 STF_STEPS = MethodOption("stf-steps", int, 200, "Straight-Through Factorizer steps (0 = per-layer SVD init only)")
@@ -131,10 +131,23 @@ def distill_loss(loaded, model: nn.Module, h_s: torch.Tensor, h_t: torch.Tensor)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load_checkpoint(path: Path, device: str, mmap: bool = False) -> dict:
+    """stf.pt through the safe loader only (tensors, numbers, lists, dicts): a crafted file cannot run code."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:  # UnpicklingError for a refused object; RuntimeError/EOFError for a damaged file
+        reason = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln), "") or \
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:150] if str(e).strip() else 'unreadable'}"
+        raise UserError(f"STF checkpoint {path} is not a loadable checkpoint ({reason})",
+                        "delete it (training restarts from step 0) or pass another --stf-checkpoint") from None
+    if not isinstance(state, dict) or not {"signature", "step", "history", "optimizer", "latents"} <= set(state):
+        raise UserError(f"STF checkpoint {path} is not a factordeploy STF checkpoint",
+                        "delete it (training restarts from step 0) or pass another --stf-checkpoint")
+    return state
 
 
 @register
@@ -143,6 +156,16 @@ class DSFormerMethod(Method):
     summary = "DSFormer: W ~ dense D (out x k) x 2:4-sparse S (k x in); SVD init + joint Straight-Through Factorizer"
     options = (STF_STEPS, STF_LR, STF_BATCH, STF_CKPT, STF_SAVE_EVERY)
     needs_calibration = True
+
+    def check_options(self, options: dict) -> None:
+        ckpt = options.get("stf_checkpoint")
+        if not ckpt:
+            return
+        p = Path(ckpt)
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--stf-checkpoint {ckpt} is a file, not a folder", "pass a folder (stf.pt is written inside it)")
+        if (p / "stf.pt").is_file():
+            _load_checkpoint(p / "stf.pt", "cpu", mmap=True)  # a damaged or crafted file is refused before any work
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         calib = ctx.require_calibration()
@@ -224,7 +247,7 @@ class DSFormerMethod(Method):
                      "k": {n: ks[n] for n in stf}}
         start, history = 0, []
         if path is not None and path.exists():
-            state = torch.load(path, map_location=ctx.device, weights_only=False)
+            state = _load_checkpoint(path, ctx.device)
             if state.get("signature") != signature:
                 raise UserError(f"STF checkpoint {path} was written for a different build (model/ratio/targets/calibration/lr)",
                                 "delete that folder or pass another --stf-checkpoint")
