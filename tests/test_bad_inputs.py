@@ -363,14 +363,16 @@ def test_out_locked_by_another_build(fx, tmp_path):
 
 
 def test_disk_full_injected_during_export(fx, tmp_path, monkeypatch):
-    """onnx.save_model writes half the file, then the disk is full: one line, nothing left behind."""
-    import onnx
+    """The export writes half its file, then the disk is full: one line, the previous build intact, nothing left.
 
-    def full_disk(proto, path, *a, **k):
-        Path(path).write_bytes(proto.SerializeToString()[:1000])
+    (The real export filling a real small disk is test_real_full_disk_on_a_small_tmpfs.)"""
+    import factordeploy.export as export_pkg
+
+    def full_disk(loaded, model, path, *a, **k):
+        Path(path).write_bytes(b"\x08" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(onnx, "save_model", full_disk)
+    monkeypatch.setattr(export_pkg, "export_onnx", full_disk)
     prev = tmp_path / "out"
     prev.mkdir()
     (prev / MARKER).write_text("{}")
