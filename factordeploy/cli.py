@@ -7,8 +7,16 @@ from typing import Any
 
 import click
 
+from .build import BuildConfig, run_build
+from .compress.base import MethodOption, all_methods, all_options, method_options
+from .compress.calibration import CalibrationConfig
+from .engines.trt_module import BACKENDS
 from .errors import UserError, disk_full
 from .interrupts import Interrupted, signals_as_exceptions
+from .models.registry import REGISTRY
+from .ops import all_ops
+from .passes.precision import PRECISIONS
+from .progress import set_quiet
 
 
 class _Group(click.Group):
@@ -39,12 +47,34 @@ def main() -> None:
     """Compress a transformer into factorized layers and build a verified deployable artifact."""
 
 
-def _method_options(f):
-    from .compress.base import all_options
+def click_type(opt: MethodOption) -> Any:
+    """A CLI-neutral method option as a click type (choices, ranges)."""
+    if opt.choices is not None:
+        return click.Choice(list(opt.choices))
+    if opt.type in (int, float) and (opt.min is not None or opt.max is not None):
+        rng = click.IntRange if opt.type is int else click.FloatRange
+        kw = {"min_open": True} if opt.min_open else {}
+        return rng(min=opt.min, max=opt.max, **kw)
+    return opt.type
 
+
+def _method_options(f):
     for opt in reversed(all_options()):
-        f = click.option(f"--{opt.name}", opt.key, type=opt.type, default=None,
+        f = click.option(f"--{opt.name}", opt.key, type=click_type(opt), default=None,
                          help=f"{opt.help} (default: {opt.default})")(f)
+    return f
+
+
+def _op_lowering_options(f):
+    """One `--<flag>` per custom op that declares an ORT lowering flag (choices from the op's spec)."""
+    for spec in all_ops().values():
+        if spec.ort_flag:
+            names = ", ".join(f"{lw.name} ({lw.doc})" for lw in spec.lowerings)
+            f = click.option(f"--{spec.ort_flag}", f"ort_op_{spec.name}", type=click.Choice(list(spec.policies())),
+                             default=spec.default_policy(), show_default=True,
+                             help=f"how model.onnx (ONNX Runtime) runs {spec.name} nodes: cost = cheapest per layer by "
+                                  f"the op's cost model, {spec.body_name} = standard-op body (compressed form kept)"
+                                  + (f", {names}" if names else ""))(f)
     return f
 
 
@@ -65,25 +95,19 @@ def _method_options(f):
 @click.option("--no-eval", is_flag=True, help="skip the task-quality evaluation")
 @click.option("--no-baseline", is_flag=True, help="skip the original-model ONNX (no latency comparison)")
 @click.option("--quiet", is_flag=True, help="no progress output")
-@click.option("--backend", type=click.Choice(["auto", "trt", "trt-rtx", "ort"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="auto", show_default=True,
               help="engine: TensorRT, TensorRT-RTX, or ONNX Runtime only; auto = a TensorRT that can run on this GPU, else ORT")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="compute precision of the TensorRT graph (model.onnx stays fp32)")
 @click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
-@click.option("--ort-sparse-dict", type=click.Choice(["cost", "gather", "dense"]), default="cost", show_default=True,
-              help="how model.onnx (ONNX Runtime) runs sparse-dictionary layers: cheapest per layer by modelled cost, "
-                   "gather (compressed form kept: smaller file), or dense (W = S D refolded: fastest on CPU, no size saving)")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
+@_op_lowering_options
 @_method_options
 def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, ort_sparse_dict, trt_batch, trt_seq, **method_opts):
+          quiet, backend, precision, sparse_weights, trt_batch, trt_seq, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
-    from .build import BuildConfig, run_build
-    from .compress.base import method_options
-    from .compress.calibration import CalibrationConfig
-    from .progress import set_quiet
-
+    ort_lowering = {k[len("ort_op_"):]: method_opts.pop(k) for k in list(method_opts) if k.startswith("ort_op_")}
     set_quiet(quiet)
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
@@ -93,7 +117,7 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
-                      sparse_weights=sparse_weights, ort_sparse_dict=ort_sparse_dict, trt_batch=trt_batch, trt_seq=trt_seq)
+                      sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq)
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "
@@ -111,8 +135,6 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
 @main.command()
 def methods() -> None:
     """List compression methods and their options."""
-    from .compress.base import all_methods
-
     rows = all_methods()
     width = max(len(n) for n in rows)
     for name, cls in rows.items():
@@ -124,8 +146,6 @@ def methods() -> None:
 @main.command()
 def models() -> None:
     """List packaged models; any local Hugging Face folder also works as --model PATH."""
-    from .models.registry import REGISTRY
-
     for name, (desc, _) in REGISTRY.items():
         click.echo(f"{name.ljust(8)}  {desc}")
     click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import click
 import torch
 from torch import nn
 
@@ -15,12 +14,14 @@ from ..linalg import Factors, output_error, singular_values, truncated_svd
 from ..objective import TaskObjective
 from ...progress import track
 
-ALLOCATION = MethodOption("allocation", click.Choice(["uniform", "welore"]), "uniform",
-                          "rank allocation: same byte ratio per layer, or WeLore's global spectrum threshold")
-FINETUNE_STEPS = MethodOption("finetune-steps", click.IntRange(min=0), 0,
-                              "fine-tune only the low-rank factors for K steps on the calibration text before export")
-FINETUNE_LR = MethodOption("finetune-lr", click.FloatRange(min=0.0, min_open=True), None,
-                           "Adam learning rate for --finetune-steps (default: 1e-4 for encoders, 1e-5 for decoders)")
+ALLOCATION = MethodOption("allocation", str, "uniform",
+                          "rank allocation: same byte ratio per layer, or WeLore's global spectrum threshold",
+                          choices=("uniform", "welore"))
+FINETUNE_STEPS = MethodOption("finetune-steps", int, 0,
+                              "fine-tune only the low-rank factors for K steps on the calibration text before export", min=0)
+FINETUNE_LR = MethodOption("finetune-lr", float, None,
+                           "Adam learning rate for --finetune-steps (default: 1e-4 for encoders, 1e-5 for decoders)",
+                           min=0.0, min_open=True)
 # Measured (docs/lowrank-methods.md): at 1e-4 Adam's first steps wreck SmolLM2's whitened factors
 # (next-token loss 4.5 -> 20 after one step; perplexity 175 -> 3191 at ratio 0.35), 1e-5 recovers
 # (175 -> 97); on MiniLM 1e-4 is the better of the two.
