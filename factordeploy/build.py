@@ -83,7 +83,8 @@ def input_paths(cfg: BuildConfig) -> list[str]:
     paths = [cfg.model] if Path(cfg.model).exists() else []
     if cfg.calib.text_file:
         paths.append(cfg.calib.text_file)
-    paths += [v for v in cfg.options.values() if isinstance(v, str) and v]  # checkpoint folders, data files
+    paths += [v for k, v in cfg.options.items()  # checkpoint folders, data files (existing or to be written)
+              if isinstance(v, str) and v and (Path(v).exists() or k.endswith(("checkpoint", "data", "dir", "file", "path")))]
     return paths
 
 

@@ -229,6 +229,12 @@ def _out_holds_model(tmp: Path, fx: dict) -> list[str]:
     return ["--model", str(m), "--out", str(tmp / "proj")]
 
 
+def _out_holds_checkpoint(tmp: Path, fx: dict) -> list[str]:
+    (tmp / "out").mkdir()
+    (tmp / "out" / MARKER).write_text("{}")
+    return ["--model", str(fx["bert"]), "--method", "dsformer", "--stf-checkpoint", str(tmp / "out" / "ckpt")]
+
+
 def _out_is_cwd(tmp: Path, fx: dict) -> list[str]:
     return ["--model", str(fx["bert"]), "--out", str(Path.cwd()), "--overwrite"]
 
@@ -325,6 +331,7 @@ CASES: dict[str, tuple[Callable[[Path, dict], list[str]], str]] = {
     "out-is-symlink": (_symlink_out, "is a symbolic link"),
     "out-contains-model": (_out_holds_model, "contains the input"),
     "out-is-current-folder": (_out_is_cwd, "contains the current folder"),
+    "out-contains-checkpoint-to-write": (_out_holds_checkpoint, "contains the input"),
 }
 
 
