@@ -181,18 +181,14 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _swap_in(tmp: Path, out: Path) -> Path | None:
-    """Move the finished `tmp` onto `out`; returns the path now holding the old folder, if any."""
+def _swap_in(tmp: Path, out: Path, aside: Path) -> None:
+    """Move the finished `tmp` onto `out`. The old folder ends up at `tmp` (exchanged) or `aside`."""
     with _signals_deferred():
         if not out.exists():
             os.rename(tmp, out)
-            return None
-        if _exchange(tmp, out):
-            return tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        return old
+        elif not _exchange(tmp, out):
+            os.rename(out, aside)
+            os.rename(tmp, out)
 
 
 def write_marker(folder: Path, command: str) -> None:
@@ -235,16 +231,16 @@ def out_transaction(out: str | Path, overwrite: bool = False, inputs: Iterable[s
         _recover(out_abs)
         check_out(out, overwrite, inputs)  # again under the lock: the folder may have changed meanwhile
         tmp = out_abs.parent / f"{tmp_prefix(out_abs)}{os.getpid()}"
-        old = None
+        aside = out_abs.with_name(f".{out_abs.name}.old-{os.getpid()}")
         try:
             tmp.mkdir()
             yield tmp
             write_marker(tmp, command)
-            old = _swap_in(tmp, out_abs)
+            _swap_in(tmp, out_abs, aside)
             ok = True
         finally:
-            for p in (tmp, old):  # the failed build, or the replaced old folder
-                if p is not None and p.exists() and p != out_abs:
+            for p in (tmp, aside):  # the failed build, or the replaced old folder
+                if p.exists():
                     _remove(p)
     finally:
         lock.release()

@@ -139,7 +139,7 @@ def load_tokenizer(path: str, config, **kw) -> object:
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except Exception as e:  # transformers raises many types here (OSError, ValueError, JSONDecodeError, ...)
-        raise UserError(f"the tokenizer in {path} does not load ({type(e).__name__}: {_first_line(e)})", fix) from None
+        raise UserError(f"the tokenizer in {path} does not load ({type(e).__name__}: {first_line(e)})", fix) from None
     if not callable(tok):
         raise UserError(f"the tokenizer in {path} does not load (got {type(tok).__name__})", fix)
     sample = "The city council met on Tuesday to discuss the new bridge over the river."
@@ -155,14 +155,14 @@ def load_tokenizer(path: str, config, **kw) -> object:
     return tok
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0][:200] if lines else ""
 
 
 def _pickle_reason(e: BaseException) -> str:
     m = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: [^\s]+|Unsupported operand [^\s]+)", str(e))
-    return m.group(1) if m else _first_line(e)
+    return m.group(1) if m else first_line(e)
 
 
 @contextmanager
@@ -189,7 +189,7 @@ def named_load_errors(path: str) -> Iterator[None]:
         pickled = not any((Path(path) / w).is_file() for w in WEIGHT_FILES[:2])
         what, fix = (("pickle checkpoint", "copy the complete file again, or convert it to safetensors where it loads")
                      if pickled else ("weights", RESAVE))
-        raise UserError(f"the {what} in {path} does not load ({type(e).__name__}: {_first_line(e)})", fix) from None
+        raise UserError(f"the {what} in {path} does not load ({type(e).__name__}: {first_line(e)})", fix) from None
 
 
 def check_loading_info(info: dict, path: str) -> None:

@@ -98,7 +98,7 @@ def _hf_load(path: str, gguf_file: str | None = None) -> tuple[nn.Module, object
     try:
         config = AutoConfig.from_pretrained(path, **kw)
     except Exception as e:
-        raise UserError(f"config.json in '{path}' does not load ({type(e).__name__}: {checks._first_line(e)})",
+        raise UserError(f"config.json in '{path}' does not load ({type(e).__name__}: {checks.first_line(e)})",
                         "restore config.json from the model's original files") from None
     archs = config.architectures or []
     decoder = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
