@@ -193,6 +193,11 @@ def read_text_input(path: str | Path, flag: str, field: str = "text") -> list[st
     return list(_read_text_cached(str(p.resolve()), st.st_size, st.st_mtime_ns, flag, field))
 
 
+def load_user_text(path: str | Path, flag: str = "--calib-data") -> list[str]:
+    """Older name of `read_text_input` (callers written before it existed); new code calls that."""
+    return read_text_input(path, flag)
+
+
 def check_token_budget(n_tokens: int, n: int, length: int, source: str,
                        n_flag: str = "--calib", len_flag: str = "--calib-len") -> None:
     """A user's text must hold the requested windows without reusing tokens: n x length at least."""
