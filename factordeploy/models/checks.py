@@ -131,8 +131,9 @@ def check_weight_files(folder: Path) -> None:
             raise UserError(f"weights file {f} is empty", "copy the complete file again")
 
 
-def load_tokenizer(path: str, config, **kw) -> object:
-    """The folder's tokenizer, refused when it does not load or cannot encode ordinary text."""
+def load_tokenizer(path: str, config=None, **kw) -> object:
+    """The folder's tokenizer, refused when it does not load, cannot encode ordinary text, or (given the
+    model's config) has more tokens than the embedding has rows."""
     from transformers import AutoTokenizer
 
     fix = "save the model's tokenizer into the folder (tokenizer.save_pretrained(DIR))"
@@ -148,7 +149,7 @@ def load_tokenizer(path: str, config, **kw) -> object:
     if not ids or (unk is not None and sum(i == unk for i in ids) > len(ids) // 2):
         raise UserError(f"the tokenizer in {path} maps ordinary text to unknown tokens (vocabulary of {len(tok)} entries): "
                         "its vocabulary files are missing or broken", fix)
-    rows = getattr(config, "vocab_size", None)
+    rows = getattr(config, "vocab_size", None) if config is not None else None
     if isinstance(rows, int) and len(tok) > rows:
         raise UserError(f"the tokenizer in {path} has {len(tok):,} tokens but the model's embedding has {rows:,} rows",
                         "use the tokenizer the model was trained with")
