@@ -369,6 +369,46 @@ def test_out_locked_by_another_build(fx, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _served_folder(tmp: Path, fx: dict, onnx_bytes: bytes | None) -> Path:
+    """A folder `deploy generate` reads: tokenizer files plus a model.onnx (garbage, or with external data)."""
+    d = tmp / "served"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(fx["bert"] / f, d / f)
+    if onnx_bytes is not None:
+        (d / "model.onnx").write_bytes(onnx_bytes)
+    return d
+
+
+def _onnx_with_external_data(location: str) -> bytes:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    w.data_location = TensorProto.EXTERNAL
+    w.ClearField("raw_data")
+    w.external_data.add(key="location", value=location)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"not an onnx model at all", "is not a readable ONNX model"),
+    (_onnx_with_external_data("../../../etc/passwd"), "keeps tensor 'W' in ../../../etc/passwd, outside the folder"),
+    (_onnx_with_external_data("/etc/passwd"), "keeps tensor 'W' in the absolute path /etc/passwd"),
+], ids=["garbage-onnx", "external-data-escapes", "external-data-absolute"])
+def test_generate_refuses_a_broken_or_escaping_folder(fx, tmp_path, content, expect):
+    """Commands that read a built folder (here `deploy generate`) refuse it in one line too."""
+    d = _served_folder(tmp_path, fx, content)
+    before = snapshot(tmp_path)
+    r = CliRunner().invoke(main, ["generate", str(d), "--prompt", "Hello"], catch_exceptions=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and expect in lines[0] and ". Fix: " in lines[0], r.output
+    assert "Traceback" not in r.output and snapshot(tmp_path) == before
+
+
 def test_disk_full_injected_during_export(fx, tmp_path, monkeypatch):
     """The export writes half its file, then the disk is full: one line, the previous build intact, nothing left.
 
