@@ -413,13 +413,13 @@ def test_disk_full_injected_during_export(fx, tmp_path, monkeypatch):
     """The export writes half its file, then the disk is full: one line, the previous build intact, nothing left.
 
     (The real export filling a real small disk is test_real_full_disk_on_a_small_tmpfs.)"""
-    import factordeploy.export as export_pkg
+    import factordeploy.stages as stages
 
     def full_disk(loaded, model, path, *a, **k):
         Path(path).write_bytes(b"\x08" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(export_pkg, "export_onnx", full_disk)
+    monkeypatch.setattr(stages, "export_onnx", full_disk)
     prev = tmp_path / "out"
     prev.mkdir()
     (prev / MARKER).write_text("{}")
