@@ -23,6 +23,7 @@ from .compress.targets import DEFAULT_EXCLUDE, find_targets
 from .errors import UserError
 from .models.registry import LoadedModel, load_model
 from .progress import log, stage
+from .recover.stage import RecoveryConfig, check_recovery_config
 
 
 @dataclass
@@ -48,6 +49,8 @@ class BuildConfig:
     ort_sparse_dict: str = "cost"  # SparseDictMatMul lowering for model.onnx: cost | gather | dense
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
+    # Recovery stage (recover/): distillation after compression, before export; steps 0 = off
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
 @dataclass
@@ -66,6 +69,7 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
     get_method(cfg.method)
+    check_recovery_config(cfg.recovery)
     if cfg.ort_sparse_dict not in ("cost", "gather", "dense"):
         raise UserError(f"unknown --ort-sparse-dict '{cfg.ort_sparse_dict}'", "use cost, gather or dense")
     check_engine_config(cfg)
@@ -168,18 +172,39 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         with stage("export original (latency baseline)", timings):
             baseline_cached = export_original_cached(loaded, model, baseline_path)
 
+    teacher = None
+    if cfg.recovery.steps > 0:
+        from .recover.stage import capture_teacher
+
+        with stage("recovery data + teacher outputs (original model)", timings):
+            teacher = capture_teacher(loaded, model, cfg.recovery, cfg.device)
+
     ctx = CompressContext(ratio=cfg.ratio, device=cfg.device, seed=cfg.seed, options=dict(cfg.options))
     if method.uses_calibration(ctx.options):
         ctx.calibration = Calibration(loaded, cfg.calib, cfg.device)
     with stage(f"compress ({cfg.method})", timings):
         result: CompressResult = method.compress(model, targets, ctx)
     model.eval()
+
+    quality: dict = {"original": probe.reference} if cfg.evaluate else {}
+    recovery = None
+    if teacher is not None:
+        from .recover.stage import recover
+
+        if cfg.evaluate:
+            with stage("evaluate compressed (before recovery)", timings):
+                quality["compressed_before_recovery"] = probe.score(model)
+        with stage(f"recovery training ({cfg.recovery.adapter}, {cfg.recovery.steps} steps)", timings):
+            sig = {"method": cfg.method, "ratio": cfg.ratio, "options": cfg.options, "seed": cfg.seed,
+                   "calib": asdict(cfg.calib), "targets": targets}
+            recovery = recover(loaded, model, teacher, cfg.recovery, cfg.device, signature=sig).as_dict()
+        del teacher
+        model.eval()
     params_after, bytes_after = model_bytes(model)
 
-    quality = {}
     if cfg.evaluate:
         with stage("evaluate compressed", timings):
-            quality = {"original": probe.reference, "compressed": probe.score(model)}
+            quality["compressed"] = probe.score(model)
 
     raw_path = tmp / "exported.onnx"
     with stage("export compressed", timings):
@@ -245,6 +270,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
             "targeted_reduction": round(1 - result.bytes_after / result.bytes_before, 4),
         },
         "layers": [asdict(r) for r in result.layers],
+        "recovery": recovery,
         "export": asdict(exp) | {"path": "model.onnx"},
         "passes": pctx.log,
         "fidelity": fid.as_dict() | {"feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds]},
