@@ -15,7 +15,7 @@ Losses (compress/objective.py, shared with DSFormer's STF):
 * decoders: T^2 * KL(p_teacher || p_student) per token at temperature T, + `hidden_weight` x
   relative squared error of the last hidden state;
 * encoders: relative squared error of every token's last hidden state + (1 - cos) of the
-  mean-pooled, L2-normalised sentence embedding (the embedding the quality probe scores).
+  mean-pooled, L2-normalised sentence embedding (as 0.5 ||e_s - e_t||^2, which is exactly 0 at e_s = e_t) (the embedding the quality probe scores).
 Both are exactly 0 when student == teacher.
 
 Keep-best evaluation: the same loss on held-out windows of `text.selection_texts()` (pydoc
@@ -108,7 +108,7 @@ def distill_loss(loaded: LoadedModel, model: nn.Module, batch: dict[str, torch.T
             loss = loss + cfg.hidden_weight * hidden_distillation(h_s, h_t, mask)
         return loss
     e_s, e_t = pooled_embedding(h_s.float(), mask), pooled_embedding(h_t.float(), mask)
-    return hidden_distillation(h_s, h_t, mask) + (1 - (e_s * e_t).sum(-1)).mean()
+    return hidden_distillation(h_s, h_t, mask) + 0.5 * ((e_s - e_t) ** 2).sum(-1).mean()  # = 1 - cos, exact 0
 
 
 @torch.no_grad()
