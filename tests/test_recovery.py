@@ -182,3 +182,24 @@ def test_bad_recover_data_fails_before_any_work(tmp_path, content, match):
     lines = [ln for ln in r.output.strip().splitlines() if ln]
     assert len(lines) == 1 and lines[0].startswith("error: --recover-data") and match in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_build_with_recovery_end_to_end(tiny_llama_dir, tmp_path):
+    """`deploy build ... --recover-steps` on a tiny decoder: the stage runs between compression and
+    export, the report records it, and the exported model is the merged one (export check passes)."""
+    import json
+
+    from factordeploy.cli import main
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["build", "--model", str(tiny_llama_dir), "--method", "sparse24", "--score", "magnitude",
+                                  "--out", str(out), "--no-baseline", "--backend", "ort", "--calib", "4", "--calib-len", "32",
+                                  "--recover-steps", "3", "--adapter", "lora-ggpo", "--adapter-rank", "2",
+                                  "--recover-data", "wiki", "--recover-samples", "4", "--recover-batch", "2", "--quiet", "--no-eval"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    rec = rep["recovery"]
+    assert rec["adapter"]["adapter"] == "lora-ggpo" and rec["bytes_unchanged"]
+    assert len(rec["train"]["losses"]) == 3
+    assert rep["fidelity"]["passed"]
+    assert "## Recovery" in (out / "report.md").read_text()
