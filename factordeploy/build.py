@@ -22,6 +22,8 @@ from .compress.calibration import Calibration, CalibrationConfig
 from .compress.targets import DEFAULT_EXCLUDE, find_targets
 from .errors import UserError
 from .models.registry import LoadedModel, load_model
+from .passes.custom_ops import check_policies
+from .passes.precision import PRECISIONS
 from .progress import log, stage
 from .recover.stage import RecoveryConfig, check_recovery_config
 
@@ -46,7 +48,7 @@ class BuildConfig:
     backend: str = "auto"
     precision: str = "fp32"
     sparse_weights: bool = False
-    ort_sparse_dict: str = "cost"  # SparseDictMatMul lowering for model.onnx: cost | gather | dense
+    ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
     # Recovery stage (recover/): distillation after compression, before export; steps 0 = off
@@ -70,8 +72,7 @@ def check_config(cfg: BuildConfig) -> None:
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
     get_method(cfg.method)
     check_recovery_config(cfg.recovery)
-    if cfg.ort_sparse_dict not in ("cost", "gather", "dense"):
-        raise UserError(f"unknown --ort-sparse-dict '{cfg.ort_sparse_dict}'", "use cost, gather or dense")
+    check_policies(cfg.ort_lowering)
     check_engine_config(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -93,8 +94,8 @@ def check_engine_config(cfg: BuildConfig) -> None:
 
     if cfg.backend not in BACKENDS:
         raise UserError(f"unknown --backend '{cfg.backend}'", "use one of " + ", ".join(BACKENDS))
-    if cfg.precision not in ("fp32", "fp16", "bf16"):
-        raise UserError(f"unknown --precision '{cfg.precision}'", "use fp32, fp16 or bf16")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision '{cfg.precision}'", "use " + ", ".join(PRECISIONS))
     if cfg.backend == "ort" and (cfg.precision != "fp32" or cfg.sparse_weights):
         raise UserError("--precision/--sparse-weights apply to TensorRT engines; the ONNX Runtime artifact is fp32",
                         "drop them, or pass --backend trt-rtx (or trt)")
@@ -218,7 +219,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     pctx = PassContext(layers=factorized, target="ort")
     model_path = tmp / "model.onnx"
     with stage("graph passes (onnx-graphsurgeon)", timings):
-        proto = run_pipeline(onnx.load(str(raw_path)), ort_pipeline(cfg.ort_sparse_dict), pctx)
+        proto = run_pipeline(onnx.load(str(raw_path)), ort_pipeline(cfg.ort_lowering), pctx)
         onnx.save_model(proto, str(model_path))
 
     with stage("ONNX Runtime session + optimized model", timings):

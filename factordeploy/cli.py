@@ -7,7 +7,17 @@ from typing import Any
 
 import click
 
+from .build import BuildConfig, run_build
+from .compress.base import MethodOption, all_methods, all_options, method_options
+from .compress.calibration import CalibrationConfig
+from .engines.trt_module import BACKENDS
 from .errors import UserError
+from .models.registry import REGISTRY
+from .ops import all_ops
+from .passes.precision import PRECISIONS
+from .progress import set_quiet
+from .recover.adapters import ADAPTERS
+from .recover.stage import RecoveryConfig
 
 
 class _Group(click.Group):
@@ -27,12 +37,34 @@ def main() -> None:
     """Compress a transformer into factorized layers and build a verified deployable artifact."""
 
 
-def _method_options(f):
-    from .compress.base import all_options
+def click_type(opt: MethodOption) -> Any:
+    """A CLI-neutral method option as a click type (choices, ranges)."""
+    if opt.choices is not None:
+        return click.Choice(list(opt.choices))
+    if opt.type in (int, float) and (opt.min is not None or opt.max is not None):
+        rng = click.IntRange if opt.type is int else click.FloatRange
+        kw = {"min_open": True} if opt.min_open else {}
+        return rng(min=opt.min, max=opt.max, **kw)
+    return opt.type
 
+
+def _method_options(f):
     for opt in reversed(all_options()):
-        f = click.option(f"--{opt.name}", opt.key, type=opt.type, default=None,
+        f = click.option(f"--{opt.name}", opt.key, type=click_type(opt), default=None,
                          help=f"{opt.help} (default: {opt.default})")(f)
+    return f
+
+
+def _op_lowering_options(f):
+    """One `--<flag>` per custom op that declares an ORT lowering flag (choices from the op's spec)."""
+    for spec in all_ops().values():
+        if spec.ort_flag:
+            names = ", ".join(f"{lw.name} ({lw.doc})" for lw in spec.lowerings)
+            f = click.option(f"--{spec.ort_flag}", f"ort_op_{spec.name}", type=click.Choice(list(spec.policies())),
+                             default=spec.default_policy(), show_default=True,
+                             help=f"how model.onnx (ONNX Runtime) runs {spec.name} nodes: cost = cheapest per layer by "
+                                  f"the op's cost model, {spec.body_name} = standard-op body (compressed form kept)"
+                                  + (f", {names}" if names else ""))(f)
     return f
 
 
@@ -51,19 +83,16 @@ def _method_options(f):
 @click.option("--no-eval", is_flag=True, help="skip the task-quality evaluation")
 @click.option("--no-baseline", is_flag=True, help="skip the original-model ONNX (no latency comparison)")
 @click.option("--quiet", is_flag=True, help="no progress output")
-@click.option("--backend", type=click.Choice(["auto", "trt", "trt-rtx", "ort"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="auto", show_default=True,
               help="engine: TensorRT, TensorRT-RTX, or ONNX Runtime only; auto = a TensorRT that can run on this GPU, else ORT")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="compute precision of the TensorRT graph (model.onnx stays fp32)")
 @click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
-@click.option("--ort-sparse-dict", type=click.Choice(["cost", "gather", "dense"]), default="cost", show_default=True,
-              help="how model.onnx (ONNX Runtime) runs sparse-dictionary layers: cheapest per layer by modelled cost, "
-                   "gather (compressed form kept: smaller file), or dense (W = S D refolded: fastest on CPU, no size saving)")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="recovery training steps after compression (distillation from the original model); 0 = off")
-@click.option("--adapter", type=click.Choice(["none", "lora", "lora-ggpo", "wara"]), default="lora", show_default=True,
+@click.option("--adapter", type=click.Choice(list(ADAPTERS)), default="lora", show_default=True,
               help="what recovery trains: adapters merged into every factor before export, or none = the factors themselves")
 @click.option("--adapter-rank", type=click.IntRange(min=1), default=8, show_default=True, help="adapter rank")
 @click.option("--adapter-dense", is_flag=True, help="also adapt linears left dense (never the LM head)")
@@ -78,18 +107,14 @@ def _method_options(f):
               help="distillation temperature (decoders)")
 @click.option("--recover-checkpoint", type=click.Path(), default=None,
               help="folder for the resumable recovery checkpoint; rerunning the same command resumes from it")
+@_op_lowering_options
 @_method_options
 def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, ort_sparse_dict, trt_batch, trt_seq, recover_steps, adapter,
+          quiet, backend, precision, sparse_weights, trt_batch, trt_seq, recover_steps, adapter,
           adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
           recover_checkpoint, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
-    from .build import BuildConfig, run_build
-    from .compress.base import method_options
-    from .compress.calibration import CalibrationConfig
-    from .progress import set_quiet
-    from .recover.stage import RecoveryConfig
-
+    ort_lowering = {k[len("ort_op_"):]: method_opts.pop(k) for k in list(method_opts) if k.startswith("ort_op_")}
     set_quiet(quiet)
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
@@ -99,7 +124,7 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
-                      sparse_weights=sparse_weights, ort_sparse_dict=ort_sparse_dict, trt_batch=trt_batch, trt_seq=trt_seq,
+                      sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq,
                       recovery=RecoveryConfig(steps=recover_steps, adapter=adapter, rank=adapter_rank, lr=recover_lr,
                                               batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
                                               samples=recover_samples, seq_len=calib_len,
@@ -121,8 +146,6 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
 @main.command()
 def methods() -> None:
     """List compression methods and their options."""
-    from .compress.base import all_methods
-
     rows = all_methods()
     width = max(len(n) for n in rows)
     for name, cls in rows.items():
@@ -134,8 +157,6 @@ def methods() -> None:
 @main.command()
 def models() -> None:
     """List packaged models; any local Hugging Face folder also works as --model PATH."""
-    from .models.registry import REGISTRY
-
     for name, (desc, _) in REGISTRY.items():
         click.echo(f"{name.ljust(8)}  {desc}")
     click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")

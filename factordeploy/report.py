@@ -102,17 +102,20 @@ def render_recovery(rec: dict | None, q: dict) -> list[str]:
 
 
 def pass_notes(passes: list[dict]) -> list[str]:
-    """Pass decisions that change what the artifact is (not just how it was made)."""
+    """Pass decisions that change what the artifact is (not just how it was made): custom-op lowerings."""
     out = []
     for p in passes:
-        if p["pass"] == "sparse-dict-ort" and p.get("layers"):
-            out.append("")
-            out.append(f"ONNX Runtime lowering of {p['layers']} sparse-dictionary layers (`--ort-sparse-dict "
-                       f"{p['policy']}`): {p.get('dense', 0)} dense refold, {p.get('gather', 0)} gather.")
-            if p.get("dense"):
-                out[-1] += (" A dense-refolded layer stores W = S D as one dense MatMul in model.onnx, so model.onnx "
-                            "saves no bytes on it (chosen because it is faster on this runtime); "
-                            "`--ort-sparse-dict gather` keeps the compressed form, and the TensorRT graph always does.")
+        if p["pass"] != "lower-custom-ops":
+            continue
+        for op, d in (p.get("ops") or {}).items():
+            flag = f"--{d['flag']} {d['policy']}" if d.get("flag") else f"policy {d['policy']}"
+            counts = ", ".join(f"{d[h]} {h}" for h in d if h not in ("policy", "flag", "layers", "refolding", "per_layer"))
+            out += ["", f"ONNX Runtime lowering of {d['layers']} {op} layers (`{flag}`): {counts}."]
+            refolded = [h for h in d.get("refolding", []) if d.get(h)]
+            if refolded:
+                out[-1] += (f" A layer lowered as {'/'.join(refolded)} stores its dense W again in model.onnx, so "
+                            "model.onnx saves no bytes on it (chosen because it is faster on this runtime); the "
+                            "op's standard-op body keeps the compressed form, and the TensorRT graph always does.")
     return out
 
 

@@ -14,6 +14,9 @@ from factordeploy.compress.dictlearn import (candidate_pairs, fit_dictionary, or
                                              whitened_sq_spectrum)
 from factordeploy.compress.layers import LowRankLinear, SparseDictLinear, index_dtype
 from factordeploy.compress.linalg import gram_factor, output_error, whitened_svd
+from factordeploy.ops.sparse_dict_matmul import SPEC
+
+OP = SPEC.name
 
 
 def random_layer(k=20, n_in=33, n_out=17, s=5, bias=True, seed=0) -> SparseDictLinear:
@@ -60,7 +63,7 @@ def test_stored_bytes_by_hand():
     own = 2 * 7 * 4 + 2 * 7 * 1
     assert sum(l.stored_bytes() for l in layers) == 10 * 12 * 4 + 3 * own
     assert layers[0].describe() | {} == {"kind": "sparse_dict", "in": 12, "out": 7, "atoms": 10, "sparsity": 2,
-                                         "index_dtype": "uint8", "shared": 3, "group": None}
+                                         "index_dtype": "uint8", "shared": 3, "group": None, "custom_op": OP}
 
 
 def test_bad_shapes_rejected():
@@ -226,17 +229,17 @@ def test_ort_lowering_matches_torch(policy):
 
     from factordeploy.passes.annotate import layer_of, name_factorized
     from factordeploy.passes.pipeline import PassContext, run_pipeline
-    from factordeploy.passes.sparse_dict import make_sparse_dict_pass
+    from factordeploy.passes.custom_ops import lower_custom_ops
 
     layer = random_layer(k=300, n_in=24, n_out=40, s=7)  # int16 indices
     proto = _export(layer)
     ctx = PassContext(layers={"l": layer.describe()})
-    out = run_pipeline(proto, [name_factorized, make_sparse_dict_pass(policy)], ctx)
+    out = run_pipeline(proto, [name_factorized, lower_custom_ops({OP: policy})], ctx)
     onnx.checker.check_model(out)
     assert not any(n.domain == "factordeploy" for n in out.graph.node)
     ops = {n.op_type for n in out.graph.node}
-    note = ctx.info["sparse-dict-ort"]["per_layer"]["l"]
-    how = note["decomposition"]
+    note = ctx.info["lower-custom-ops"]["ops"][OP]["per_layer"]["l"]
+    how = note["lowering"]
     assert how == (policy if policy != "cost" else min(note["modelled_us"], key=note["modelled_us"].get))
     if how == "gather":
         assert {"Gather", "Mul", "ReduceSum"} <= ops
@@ -284,10 +287,10 @@ def test_ort_pipeline_policy_reaches_the_artifact_and_the_report(policy):
 
     layer = random_layer(k=30, n_in=24, n_out=40, s=3)
     ctx = PassContext(layers={"l": layer.describe()})
-    out = run_pipeline(_export(layer), ort_pipeline(policy), ctx)
+    out = run_pipeline(_export(layer), ort_pipeline({OP: policy}), ctx)
     has_dense_w = any(list(i.dims) == [24, 40] for i in out.graph.initializer)
     assert has_dense_w == (policy == "dense")
-    entry = next(p for p in ctx.log if p["pass"] == "sparse-dict-ort")
+    entry = next(p for p in ctx.log if p["pass"] == "lower-custom-ops")["ops"][OP]
     assert (entry["policy"], entry[policy], entry["layers"]) == (policy, 1, 1)
     text = " ".join(pass_notes(ctx.log))
     assert f"--ort-sparse-dict {policy}" in text

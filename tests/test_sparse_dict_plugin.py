@@ -29,7 +29,7 @@ def _layer(k, n_in, n_out, s, seed, bias=True):
 # M, in, out, k, s: non-multiples of every block size (16, 32, 64), k above 256 (int16 indices), s = k
 @pytest.mark.parametrize("shape", [(3, 33, 17, 20, 5), (37, 70, 130, 300, 45), (1, 64, 64, 48, 48), (18, 40, 65, 9, 3)])
 def test_triton_kernel_matches_torch(shape):
-    from factordeploy.plugins.kernels.sparse_dict import sparse_dict_matmul
+    from factordeploy.ops.sparse_dict_matmul.kernel import sparse_dict_matmul
 
     M, n_in, n_out, k, s = shape
     layer = _layer(k, n_in, n_out, s, seed=M, bias=M % 2 == 1)
@@ -44,9 +44,8 @@ def test_triton_kernel_matches_torch(shape):
 
 
 def test_plugin_spec_reference_and_launch_agree():
-    from factordeploy.plugins import get_op
+    from factordeploy.ops.sparse_dict_matmul import SPEC as spec
 
-    spec = get_op("SparseDictMatMul")
     layer = _layer(40, 24, 30, 6, seed=1, bias=False)
     x = torch.randn(2, 5, 24)
     idx32 = layer.idx.to(torch.int32)
@@ -57,7 +56,7 @@ def test_plugin_spec_reference_and_launch_agree():
         spec.launch([x, layer.D.detach(), idx32, layer.val.detach()], [out], {"k": 40, "s": 6, "out_features": 30})()
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     dims = spec.output_shapes([[2, 5, 24], [40, 24], [6, 30], [6, 30]], {}, __import__(
-        "factordeploy.plugins", fromlist=["IntAlgebra"]).IntAlgebra())
+        "factordeploy.ops", fromlist=["IntAlgebra"]).IntAlgebra())
     assert dims == [[2, 5, 30]]
 
 
@@ -94,7 +93,7 @@ def test_onnx_with_plugin_node_builds_tensorrt_rtx_engine(tmp_path):
     assert attrs["plugin_namespace"] == b"factordeploy" and attrs["k"] == 40 and attrs["s"] == 6
     assert node.name == "fd/l/sparse_dict/SparseDictMatMul_0"
     idx_init = next(i for i in proto.graph.initializer if i.name == node.input[2])
-    assert idx_init.data_type == onnx.TensorProto.INT32 and ctx.info["sparse-dict-trt"]["indices_widened"] == 1
+    assert idx_init.data_type == onnx.TensorProto.INT32 and ctx.info["plugin-input-types"]["inputs_converted"] == 1
     onnx.save(proto, str(tmp_path / "m.trt.onnx"))
     # the same file runs on ONNX Runtime through the model-local function (one ONNX, both runtimes)
     import numpy as np

@@ -21,6 +21,9 @@ from factordeploy.engines import trt_module as tm
 from factordeploy.errors import UserError
 
 from .trt_graphs import mlp_graph, plugin_graph, unknown_op_graph
+from .scaled_matmul_op import registered
+
+SMM = registered()  # the test-only op: its folder + this one registration line is all it takes
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx_bindings not installed "
@@ -111,9 +114,9 @@ def test_unparsable_node_reported_by_name_and_op_type(rtx, tmp_path):
 # ---------------------------------------------------------------- plugin mechanism
 
 def test_shape_rule_matches_torch_reference():
-    from factordeploy.plugins import IntAlgebra, get_op
+    from factordeploy.ops import IntAlgebra
 
-    spec = get_op("ScaledMatMul")
+    spec = SMM
     for xs, ws in (((2, 5, 7), (7, 3)), ((9, 4), (4, 11)), ((1, 2, 3, 8), (8, 1))):
         ref = spec.reference(torch.randn(xs), torch.randn(ws), **spec.attr_values())[0]
         assert spec.output_shapes([list(xs), list(ws)], spec.attr_values(), IntAlgebra())[0] == list(ref.shape)
@@ -121,9 +124,8 @@ def test_shape_rule_matches_torch_reference():
 
 @pytest.mark.parametrize("relu,dtype", [(0, torch.float32), (1, torch.float32), (1, torch.float16)])
 def test_triton_kernel_matches_reference_under_interpreter(relu, dtype):
-    from factordeploy.plugins import get_op
 
-    spec = get_op("ScaledMatMul")
+    spec = SMM
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 40, generator=g).to(dtype)  # M=21, K=40, N=37: none a multiple of the 32 tiles
     w = torch.randn(40, 37, generator=g).to(dtype)
@@ -145,10 +147,9 @@ def test_engine_with_plugin_node_uses_build_time_methods(rtx, tmp_path, np_dtype
     from factordeploy.engines.tensorrt import build_engine
     from factordeploy.passes.pipeline import PassContext, run_pipeline
     from factordeploy.passes.presets import trt_pipeline
-    from factordeploy.plugins import get_op
     from factordeploy.plugins.trt_plugin import CALLS, SEEN
 
-    spec = get_op("ScaledMatMul")
+    spec = SMM
     src, w = plugin_graph(tmp_path / "p.onnx", alpha=0.5, relu=1, dtype=np_dtype)
     ctx = PassContext(target="trt")
     proto = run_pipeline(onnx.load(str(src)), trt_pipeline(), ctx)
@@ -189,10 +190,9 @@ def test_same_export_serves_ort_and_trt(rtx, tmp_path):
     from factordeploy.engines.tensorrt import build_engine
     from factordeploy.passes.pipeline import PassContext, run_pipeline
     from factordeploy.passes.presets import ort_pipeline, trt_pipeline
-    from factordeploy.plugins import get_op
-    from factordeploy.plugins.export import emit
+    from factordeploy.ops.export import emit
 
-    spec = get_op("ScaledMatMul")
+    spec = SMM
 
     class M(torch.nn.Module):
         def __init__(self) -> None:
@@ -289,21 +289,20 @@ def test_sparse_weights_flag_reported_honestly(rtx, tmp_path):
 
 @needs_rtx
 def test_rtx_has_no_qdp_so_ops_use_ipluginv3_creators(rtx):
-    from factordeploy.plugins import get_op, register_with_tensorrt
+    from factordeploy.plugins import register_with_tensorrt
     from factordeploy.plugins.qdp import qdp_module, register_qdp
 
     assert "factordeploy::ScaledMatMul v1" in register_with_tensorrt(rtx.module)
 
     assert qdp_module(rtx.module) is None and not rtx.has_qdp
-    assert register_qdp(rtx.module, get_op("ScaledMatMul")) is False
+    assert register_qdp(rtx.module, SMM) is False
     creator = rtx.module.get_plugin_registry().get_creator("ScaledMatMul", "1", "factordeploy")
     assert creator is not None and [f.name for f in creator.field_names] == ["alpha", "relu"]
 
 
 def test_type_rules_of_spec():
-    from factordeploy.plugins import get_op
 
-    spec = get_op("ScaledMatMul")
+    spec = SMM
     assert spec.resolve_types(["float16", "float16"]) == ["float16"]
     assert spec.accepts(0, "bfloat16", []) and not spec.accepts(0, "int32", [])
     assert not spec.accepts(1, "float32", ["float16"])  # x and w share the type variable

@@ -8,7 +8,7 @@ and argument order - synchronize, and compare with `spec.reference` (torch). It 
 kernel's name, grid, block (num_warps * 32), shared memory and target, then times the kernel against
 the torch reference (median of --runs CUDA-event timings).
 
-    python benchmarks/gpu/plugin_contract.py [--op ScaledMatMul] [--dtype fp16] [--scales 1 8] [--json out.json]
+    python benchmarks/gpu/plugin_contract.py [--op ScaledMatMul --test-ops] [--dtype fp16] [--scales 1 8] [--json out.json]
 
 Needs a CUDA GPU with torch + triton. NOT RUN on the development machine (no GPU was lent to this
 task); on a CPU machine it exits with a message instead of failing silently.
@@ -34,7 +34,7 @@ def _time(fn, runs: int) -> float:
 def check_op(spec, scale: int, dtype, runs: int) -> dict:
     import torch
 
-    from factordeploy.plugins.spec import IntAlgebra
+    from factordeploy.ops.spec import IntAlgebra
     from factordeploy.plugins.trt_plugin import device_tensor
 
     name = str(dtype).replace("torch.", "")
@@ -76,14 +76,20 @@ def main() -> int:
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--test-ops", action="store_true", help="also register the test-only ScaledMatMul (tests/)")
     a = ap.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         print("plugin_contract: no CUDA GPU visible to torch; this benchmark must run on a GPU machine.")
         return 2
-    from factordeploy.plugins import all_ops
+    from factordeploy.ops import all_ops
 
+    if a.test_ops:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from tests.scaled_matmul_op import registered
+
+        registered()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     rows = []
     for name, spec in sorted(all_ops().items()):

@@ -6,7 +6,7 @@ candidate_pairs, fp16 bytes, uint8/int16 indices as stored; the kernel reads any
 codes and activations. Token counts: decode M = 1, 2, 4, 8, 16 and prefill M = 2048, 4096, 8192.
 
 Columns: median CUDA-event time of torch.nn.functional.linear (cuBLAS) and of the two Triton
-kernels (plugins/kernels/sparse_dict.py, the exact plugin launch), speedup, and the memory
+kernels (ops/sparse_dict_matmul/kernel.py, the exact plugin launch), speedup, and the memory
 roofline of the sparse layer: bytes of D + idx + val + x + y (+ the fp32 z scratch written and
 read) over --hbm-gbs (H100 SXM: 3350 GB/s), with the fraction of it the kernel reaches.
 
@@ -68,8 +68,8 @@ def main() -> int:
         print("sparse_dict_bench: needs a CUDA GPU (torch sees none); nothing was measured.", file=sys.stderr)
         return 2
     from factordeploy.compress.layers import index_dtype
-    from factordeploy.plugins.kernels.sparse_dict import sparse_dict_matmul
-    from factordeploy.plugins.ops.sparse_dict_matmul import reference
+    from factordeploy.ops.sparse_dict_matmul.kernel import sparse_dict_matmul
+    from factordeploy.ops.sparse_dict_matmul import reference
 
     dev, dt = "cuda", torch.float16
     rows = []

@@ -21,16 +21,40 @@ from .targets import get_module, set_module
 
 @dataclass(frozen=True)
 class MethodOption:
-    """A method-specific CLI flag: `--{name}` (dashes), stored in ctx.options[name with underscores]."""
+    """A method-specific option: `--{name}` (dashes) on the CLI, ctx.options[name with underscores].
+
+    CLI-neutral: a Python type, optional allowed values (`choices`) and bounds; cli.py maps these to
+    click types, `check` validates library callers the same way."""
 
     name: str
-    type: Any
+    type: type
     default: Any
     help: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
 
     @property
     def key(self) -> str:
         return self.name.replace("-", "_")
+
+    def check(self, value: Any) -> Any:
+        """`value` converted to the option's type; UserError naming the flag when it is not allowed."""
+        if value is None:
+            return None
+        try:
+            v = self.type(value)
+        except (TypeError, ValueError):
+            raise UserError(f"--{self.name} must be {self.type.__name__}, got {value!r}", self.help) from None
+        bad = ((self.choices is not None and v not in self.choices)
+               or (self.min is not None and (v < self.min or (self.min_open and v == self.min)))
+               or (self.max is not None and v > self.max))
+        if bad:
+            allowed = (", ".join(self.choices) if self.choices is not None else
+                       f"{'>' if self.min_open else '>='} {self.min}" + (f" and <= {self.max}" if self.max is not None else ""))
+            raise UserError(f"--{self.name} {value!r} is not allowed", f"use {allowed}")
+        return v
 
 
 @dataclass
@@ -141,13 +165,13 @@ def get_method(name: str) -> Method:
 def method_options(method: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """The method's declared defaults overlaid with `given` (None = not given); foreign keys rejected."""
     m = get_method(method)
-    declared = {o.key: o.default for o in m.options}
+    declared = {o.key: o for o in m.options}
     given = {k.replace("-", "_"): v for k, v in (given or {}).items() if v is not None}
     foreign = sorted(k for k in given if k not in declared)
     if foreign:
         raise UserError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to method '{method}'",
                         f"see `deploy methods` for what {method} takes")
-    return declared | given
+    return {k: o.default for k, o in declared.items()} | {k: declared[k].check(v) for k, v in given.items()}
 
 
 def all_options() -> list[MethodOption]:

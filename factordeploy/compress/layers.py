@@ -6,7 +6,10 @@ Every layer is an ``nn.Module`` with the ``nn.Linear`` interface (``in_features`
 * ``dense_weight()``  - the (out x in) matrix it represents, for metrics and tests;
 * ``stored_bytes()``  - every byte the deployed layer stores (weights, values, indices,
   metadata), bias excluded so ratios compare weight storage only;
-* ``kind``            - a short tag used by export, passes and reports.
+* ``kind``            - a short tag for reports and node names (generic code never branches on it);
+* ``graph_facts()``   - what generic graph code needs, in ``describe()`` (the layer manifest):
+  ``weight_2to4`` = the [K, N] shape of the constant MatMul B that must stay 2:4 along K
+  (passes/sparsity.py), ``custom_op`` = the custom op the layer emits (ops/).
 
 Methods add layer classes here (never elsewhere) so export/passes see one vocabulary.
 """
@@ -16,6 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..ops import sparse_dict_matmul
+from ..ops.export import emit
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -45,8 +51,12 @@ class FactorizedLinear(nn.Module):
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """Per-layer facts for reports (shapes, rank, sparsity...)."""
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features}
+        """Per-layer facts for reports (shapes, rank, sparsity...) and the graph facts generic passes read."""
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features} | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        """Facts about the exported graph: {"weight_2to4": [K, N]} for a 2:4 constant, {"custom_op": name}."""
+        return {}
 
     def extra_repr(self) -> str:
         d = self.describe()
@@ -96,7 +106,7 @@ class LowRankLinear(FactorizedLinear):
         return tensor_bytes(self.A) + tensor_bytes(self.B)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank}
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank} | self.graph_facts()
 
 
 def linear_from(layer: nn.Linear, weight: torch.Tensor) -> nn.Linear:
@@ -217,7 +227,11 @@ class Sparse24Linear(_Validated24):
 
     def describe(self) -> dict:
         nz = float((self.weight != 0).float().mean())
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "density": round(nz, 4)}
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "density": round(nz, 4)
+                } | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        return {"weight_2to4": [self.in_features, self.out_features]}  # W^T [in, out], 2:4 along in
 
 
 class DenseSparseLinear(_Validated24):
@@ -254,7 +268,10 @@ class DenseSparseLinear(_Validated24):
         return tensor_bytes(self.D) + sparse24_bytes(self.k, self.in_features, self.S.element_size())
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "k": self.k}
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "k": self.k} | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        return {"weight_2to4": [self.in_features, self.k]}  # S^T [in, k], 2:4 along in
 
 
 def validate_24_layers(model: nn.Module) -> int:
@@ -291,14 +308,13 @@ class SparseDictLinear(FactorizedLinear):
 
     forward: z = x D^T (k features), y[..., o] = sum_t val[t, o] z[..., idx[t, o]] (+ b).
     W is never formed; on CPU the s-sparse codes are scattered into a dense (out x k) S for
-    one GEMM (4x faster than torch's CSR kernel here), under ONNX export the layer is one
-    ``factordeploy::SparseDictMatMul`` node. ``D`` may be shared by several layers
+    one GEMM (4x faster than torch's CSR kernel here), under ONNX export the layer is one node
+    of the custom op ``ops.sparse_dict_matmul``. ``D`` may be shared by several layers
     (``shared`` = how many), in which case each layer is charged its share of D's bytes.
     """
 
     kind = "sparse_dict"
-    onnx_op = "SparseDictMatMul"
-    onnx_domain = "factordeploy"
+    op = sparse_dict_matmul.SPEC
 
     def __init__(self, D: torch.Tensor | nn.Parameter, idx: torch.Tensor, val: torch.Tensor,
                  bias: torch.Tensor | None = None, shared: int = 1, group: str | None = None) -> None:
@@ -335,10 +351,8 @@ class SparseDictLinear(FactorizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            y = torch.onnx.ops.symbolic(
-                f"{self.onnx_domain}::{self.onnx_op}", (x, self.D, self.idx, self.val),
-                attrs={"k": self.atoms, "s": self.sparsity, "out_features": self.out_features},
-                dtype=x.dtype, shape=(*x.shape[:-1], self.out_features), version=1)
+            y = emit(self.op, (x, self.D, self.idx, self.val),
+                     {"k": self.atoms, "s": self.sparsity, "out_features": self.out_features})
             return y + self.bias if self.bias is not None else y
         return F.linear(F.linear(x, self.D), self.codes(), self.bias)
 
@@ -358,4 +372,7 @@ class SparseDictLinear(FactorizedLinear):
              "sparsity": self.sparsity, "index_dtype": str(self.idx.dtype).replace("torch.", "")}
         if self.shared > 1:
             d |= {"shared": self.shared, "group": self.group}
-        return d
+        return d | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        return {"custom_op": self.op.name}

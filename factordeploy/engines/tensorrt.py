@@ -130,7 +130,7 @@ def check_parsable(onnx_path: str | Path, info: TrtInfo) -> tuple[int, int, floa
             bad = [m for m in logger.messages if "ERROR" in m][:3] or ["parser returned failure without errors"]
         raise UserError(f"{info.label} cannot parse {Path(onnx_path).name}: " + "; ".join(bad[:5])
                         + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""),
-                        "a custom op needs a plugin spec in factordeploy/plugins/ops/ (with plugin_namespace set by "
+                        "a custom op needs its package in factordeploy/ops/ (plugin attributes are set by "
                         "trt_pipeline); otherwise use --backend ort")
     n_layers = network.num_layers
     n_plugins = sum(1 for i in range(n_layers) if network.get_layer(i).type == trt.LayerType.PLUGIN_V3)
@@ -164,16 +164,15 @@ def _profile_shapes(network: Any, cfg: TrtBuildConfig) -> dict[str, dict[str, li
     return shapes
 
 
-SPARSE_PAT = re.compile(r"sparsity|sparse", re.IGNORECASE)
-# Layer/node/tensor names may contain "sparse" themselves (fd/<layer>/sparse24/..., densesparse):
-# strip every name-like token before matching so only TensorRT's own sparsity messages count.
-_NAME_TOKEN = re.compile(r"\S*(?:fd/|sparse24|densesparse)\S*", re.IGNORECASE)
+# "sparse"/"sparsity" as a word of TensorRT's own message ("(Sparsity) Layers eligible for sparse math"),
+# never inside a name: layer, node and tensor names (fd/<layer>/<kind>/..., module class names,
+# sparse_weights) join "sparse" to letters, digits, "_", "/" or "." and so never match.
+SPARSE_PAT = re.compile(r"(?<![\w/.])(?:sparsity|sparse)(?![\w/.])", re.IGNORECASE)
 
 
 def is_sparsity_line(line: str) -> bool:
     """A builder-log line about sparse math, not one that merely names a 2:4 layer."""
-    text = _NAME_TOKEN.sub("", line)
-    return bool(SPARSE_PAT.search(text)) and "sparse_weights" not in text.lower()
+    return bool(SPARSE_PAT.search(line))
 
 
 def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo,

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .pipeline import Pass, PassContext
 
 TARGETS = {"fp16": (TensorProto.FLOAT16, np.float16), "bf16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16)}
+PRECISIONS = ("fp32", *TARGETS)  # every --precision value, listed once
 
 
 def _convert_tensor(t: onnx.TensorProto, np_type: type, onnx_type: int) -> onnx.TensorProto:

@@ -4,36 +4,33 @@ from __future__ import annotations
 
 from .annotate import name_factorized
 from .basic import fold_constants
+from .custom_ops import lower_custom_ops, mark_plugin_nodes, op_functions, plugin_inputs
 from .pipeline import Pass
-from .plugin_nodes import decompose_plugin_nodes, mark_plugin_nodes
-from .sparse_dict import make_sparse_dict_pass, sparse_dict_function, sparse_dict_ort, sparse_dict_trt
+from .precision import to_precision
 from .sparsity import verify_2to4
 
 
 def common_pipeline() -> list[Pass]:
-    # verify-2to4 checks only sparse24/densesparse layers of the manifest (a no-op otherwise).
+    # verify-2to4 checks only layers whose manifest declares a 2:4 weight (a no-op otherwise).
     return [name_factorized, fold_constants, verify_2to4]
 
 
-def ort_pipeline(sparse_dict: str = "cost") -> list[Pass]:
-    """Graph for ONNX Runtime: standard ops only (plugin nodes replaced by their decompositions).
+def ort_pipeline(lowering: dict[str, str] | None = None) -> list[Pass]:
+    """Graph for ONNX Runtime: standard ops only (custom nodes replaced by one of their lowerings).
 
-    name-factorized runs first so the lowered CoSpaDi nodes keep their fd/<layer>/ names;
-    sparse-dict-ort picks gather vs dense per layer (`sparse_dict` = "cost", and logs why) or
-    applies one decomposition to all, before the generic decomposition of the remaining plugin ops.
+    name-factorized runs first so the lowered nodes keep their fd/<layer>/ names; `lowering` maps an
+    op name to its policy ("cost": per node by the op's cost model, or one lowering for all).
     """
-    lower = sparse_dict_ort if sparse_dict == "cost" else make_sparse_dict_pass(sparse_dict)
-    return common_pipeline() + [lower, decompose_plugin_nodes]
+    return common_pipeline() + [lower_custom_ops(lowering)]
 
 
 def trt_pipeline(precision: str = "fp32") -> list[Pass]:
-    """Graph for TensorRT / TensorRT-RTX: plugin nodes kept and marked for the parser; precision in the graph."""
-    # sparse-dict-function: the TensorRT graph also carries SparseDictMatMul's standard-op body as
-    # an ONNX local function, so ONNX Runtime (and polygraphy --onnxrt) can run the same file.
-    passes = common_pipeline() + [sparse_dict_trt, mark_plugin_nodes, sparse_dict_function]
-    if precision != "fp32":
-        from .precision import to_precision
+    """Graph for TensorRT / TensorRT-RTX: plugin nodes kept and marked for the parser; precision in the graph.
 
+    op-functions: the TensorRT graph also carries each op's standard-op body as an ONNX local
+    function, so ONNX Runtime (and polygraphy --onnxrt) can run the same file."""
+    passes = common_pipeline() + [plugin_inputs, mark_plugin_nodes, op_functions]
+    if precision != "fp32":
         passes.append(to_precision(precision))
         passes.append(verify_2to4)  # the 2:4 pattern must also survive the precision cast
     return passes

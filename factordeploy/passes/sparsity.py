@@ -6,9 +6,11 @@ constant B [K, N], axis 1 of a Gemm's B when transB=1 (TENSORRT.md). The dynamo 
 [in, out], so W's 2:4 along `in` already lies on axis 0: no relayout pass is needed (checked by
 tests/test_sparse24.py on a real export). A Transpose of a constant that was not folded is followed.
 
-For each manifest layer of kind `sparse24` (W^T [in, out]) or `densesparse` (S^T [in, k]) the pass
-finds, among the nodes the annotate pass named `fd/<layer>/<kind>/...`, a MatMul/Gemm whose
-constant weight has that shape and checks at most 2 nonzeros in every group of 4 along K.
+Each layer declares its 2:4 factor in the manifest (`"weight_2to4": [K, N]`, the shape of the MatMul's
+constant B; compress/layers.py graph_facts(): W^T [in, out] for a 2:4 linear, S^T [in, k] for a
+dense x sparse one). For each such layer the pass finds, among the nodes the annotate pass named
+`fd/<layer>/...`, a MatMul/Gemm whose constant weight has that shape and checks at most 2 nonzeros
+in every group of 4 along K.
 Any layer that fails raises UserError naming it (the build must not ship an artifact that claims
 2:4 when the pattern was lost); the per-layer results go to the pass log either way.
 """
@@ -22,10 +24,10 @@ from onnx import numpy_helper
 
 from ..compress.layers import violations_24
 from ..errors import UserError
-from .annotate import FD_PREFIX, factorized_nodes, read_manifest
+from .annotate import factorized_nodes, read_manifest
 from .pipeline import Pass, PassContext
 
-SPARSE_KINDS = ("sparse24", "densesparse")
+FACT = "weight_2to4"  # manifest key: [K, N] of the layer's 2:4 constant (compress/layers.py graph_facts)
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -59,13 +61,12 @@ class GraphIndex:
         self.producers = {o: n for n in model.graph.node for o in n.output}
 
 
-def layer_weights(index: GraphIndex, layer: str, kind: str) -> list[tuple[str, np.ndarray, int]]:
+def layer_weights(index: GraphIndex, layer: str) -> list[tuple[str, np.ndarray, int]]:
     """(node name, constant weight, K axis) for every MatMul/Gemm named as part of `layer`."""
     consts, producers = index.consts, index.producers
-    prefix = f"{FD_PREFIX}{layer}/{kind}/"
     out = []
     for n in index.by_layer.get(layer, []):
-        if not n.name.startswith(prefix) or n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
             continue
         w = _weight(n.input[1], consts, producers)
         if w is None or w.ndim != 2:
@@ -77,15 +78,10 @@ def layer_weights(index: GraphIndex, layer: str, kind: str) -> list[tuple[str, n
     return out
 
 
-def expected_shape(desc: dict) -> tuple[int, int]:
-    """(K, N) of the sparse factor as the MatMul's B: sparse24 W^T [in, out]; densesparse S^T [in, k]."""
-    return (desc["in"], desc["out"]) if desc["kind"] == "sparse24" else (desc["in"], desc["k"])
-
-
 def check_layer(index: GraphIndex, layer: str, desc: dict) -> str | None:
-    """None when the layer's sparse weight is 2:4 along K in the graph, else the problem."""
-    K, N = expected_shape(desc)
-    found = layer_weights(index, layer, desc["kind"])
+    """None when the layer's declared 2:4 weight is 2:4 along K in the graph, else the problem."""
+    K, N = desc[FACT]
+    found = layer_weights(index, layer)
     if not found:
         return "no MatMul/Gemm with a constant weight named fd/<layer>/ (renamed, fused or folded away?)"
     for node, w, axis in found:
@@ -101,7 +97,7 @@ def check_layer(index: GraphIndex, layer: str, desc: dict) -> str | None:
 
 def verify(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     layers = ctx.layers or read_manifest(model)
-    sparse = {n: d for n, d in layers.items() if d.get("kind") in SPARSE_KINDS}
+    sparse = {n: d for n, d in layers.items() if d.get(FACT)}
     index = GraphIndex(model)
     problems = {n: p for n, d in sparse.items() if (p := check_layer(index, n, d)) is not None}
     ctx.note("verify-2to4", layers_checked=len(sparse), layers_2to4=len(sparse) - len(problems),
@@ -114,4 +110,4 @@ def verify(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     return model
 
 
-verify_2to4 = Pass("verify-2to4", verify, "check every sparse24/densesparse weight is 2:4 along K after export and folding")
+verify_2to4 = Pass("verify-2to4", verify, "check every layer's declared 2:4 weight is 2:4 along K after export and folding")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .spec import OpSpec
+from ..ops.spec import IntAlgebra, OpSpec
+from .types import trt_type, trt_type_name
 
 _REGISTERED: set[str] = set()
 
@@ -59,14 +60,10 @@ def register_qdp(trt: Any, spec: OpSpec) -> bool:
         return True
     from typing import Tuple
 
-    from .trt_plugin import trt_type, trt_type_name
-
     P = inspect.Parameter
     ins = [P(n, P.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc) for n in spec.inputs]
     attrs = [P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=_annot(a.kind)) for a in spec.attrs]
     out_ret = trtp.TensorDesc if spec.num_outputs == 1 else Tuple[tuple([trtp.TensorDesc] * spec.num_outputs)]
-
-    from .spec import IntAlgebra
 
     class _ExprAlgebra(IntAlgebra):
         """The same shape algebra on QDP's symbolic sizes; only ceil-division differs."""
@@ -91,7 +88,8 @@ def register_qdp(trt: Any, spec: OpSpec) -> bool:
 
         bound = inspect.signature(aot_impl).bind(*args, **kw)
         values = spec.attr_values({a.name: bound.arguments[a.name] for a in spec.attrs})
-        k = spec.aot([bound.arguments[n] for n in spec.inputs], list(bound.arguments["outputs"]), values, trtp)
+        tds = [bound.arguments[n] for n in spec.inputs]
+        k = spec.aot(tds, list(bound.arguments["outputs"]), values, trtp, [trt_type_name(t.dtype) for t in tds])
         compiled = triton.compile(triton.compiler.ASTSource(fn=k.kernel, signature=k.signature, constexprs=k.constants))
         lp = trtp.KernelLaunchParams()
         for axis, g in zip(("grid_x", "grid_y", "grid_z"), k.grid):

@@ -20,25 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from .spec import OpSpec
+from ..ops.spec import OpSpec
+from .types import trt_type, trt_type_name
 
 CALLS: dict[str, Counter] = defaultdict(Counter)
 SEEN: dict[str, dict[str, Any]] = defaultdict(dict)
 
 _CLASSES: dict[tuple[str, str], tuple[type, type]] = {}
-_REGISTERED: dict[str, dict[str, Any]] = defaultdict(dict)  # trt module name -> op -> creator (kept alive)
-
-_TYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
-               "INT8": "int8", "BOOL": "bool", "UINT8": "uint8"}
-
-
-def trt_type_name(t: Any) -> str:
-    return _TYPE_NAMES.get(getattr(t, "name", str(t)).split(".")[-1], str(t))
-
-
-def trt_type(trt: Any, name: str) -> Any:
-    inv = {v: k for k, v in _TYPE_NAMES.items()}
-    return getattr(trt.DataType, inv[name])
 
 
 class TrtAlgebra:
@@ -237,21 +225,11 @@ def plugin_classes(trt: Any, spec: OpSpec) -> tuple[type, type]:
     return Plugin, Creator
 
 
-def register_all(trt: Any, specs: list[OpSpec]) -> list[str]:
-    """Register a creator per spec with trt's plugin registry (once per module). Returns 'ns::name v' strings."""
-    done = _REGISTERED[trt.__name__]
-    registry = trt.get_plugin_registry()
-    names = []
-    from .qdp import register_qdp
-
-    for spec in specs:
-        if spec.name not in done and register_qdp(trt, spec):  # full TensorRT with tensorrt.plugin + spec.aot
-            done[spec.name] = "qdp-aot"
-        if spec.name not in done:
-            _, Creator = plugin_classes(trt, spec)
-            creator = Creator()
-            if not registry.register_creator(creator, spec.namespace):
-                raise RuntimeError(f"TensorRT refused to register plugin creator {spec.namespace}::{spec.name}")
-            done[spec.name] = creator  # keep a reference: TensorRT holds only a raw pointer
-        names.append(f"{spec.namespace}::{spec.name} v{spec.version}")
-    return names
+def register_creator(trt: Any, spec: OpSpec) -> Any:
+    """Register `spec`'s creator with trt's plugin registry; returns it (the caller keeps it alive:
+    TensorRT holds only a raw pointer)."""
+    _, Creator = plugin_classes(trt, spec)
+    creator = Creator()
+    if not trt.get_plugin_registry().register_creator(creator, spec.namespace):
+        raise RuntimeError(f"TensorRT refused to register plugin creator {spec.namespace}::{spec.name}")
+    return creator

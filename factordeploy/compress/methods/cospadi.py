@@ -21,7 +21,6 @@ import contextlib
 import re
 from dataclasses import dataclass
 
-import click
 import torch
 from torch import nn
 
@@ -89,8 +88,9 @@ class CoSpaDiMethod(Method):
     options = (
         MethodOption("atoms", int, None, "dictionary size k (default: chosen per layer within the byte budget)"),
         MethodOption("sparsity", int, None, "atoms per output neuron s (default: chosen per layer within the budget)"),
-        MethodOption("share", click.Choice(["none", "group"]), "none",
-                     "one dictionary per layer, or per group of same-input projections across blocks"),
+        MethodOption("share", str, "none",
+                     "one dictionary per layer, or per group of same-input projections across blocks",
+                     choices=("none", "group")),
         MethodOption("share-blocks", int, 2, "consecutive blocks per shared dictionary (with --share group)"),
         MethodOption("dict-iters", int, 10, "dictionary-learning iterations per layer (time vs error)"),
     )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 
-import click
 import torch
 from torch import nn
 from torch.nn import functional as F

@@ -15,7 +15,6 @@ pick anything, and the report carries a note with the asked and the achieved red
 
 from __future__ import annotations
 
-import click
 import torch
 from torch import nn
 
@@ -24,8 +23,9 @@ from ..layers import Sparse24Linear, mask_24, sparse24_bytes, validate_24_layers
 from ..linalg import gram_factor, output_error
 from ...progress import track
 
-SCORE = MethodOption("score", click.Choice(["magnitude", "wanda", "sparsegpt"]), "wanda",
-                     "2:4 mask score: |W|, Wanda |W|*||X_col||, or SparseGPT (OBS update with the calibration Hessian)")
+SCORE = MethodOption("score", str, "wanda",
+                     "2:4 mask score: |W|, Wanda |W|*||X_col||, or SparseGPT (OBS update with the calibration Hessian)",
+                     choices=("magnitude", "wanda", "sparsegpt"))
 BLOCKSIZE = MethodOption("sparsegpt-blocksize", int, 128, "SparseGPT column block size (multiple of 4)")
 DAMP = MethodOption("sparsegpt-damp", float, 0.01, "SparseGPT Hessian damping, as a fraction of the mean diagonal")
 

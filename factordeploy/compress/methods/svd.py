@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import click
 import torch
 from torch import nn
 
@@ -13,8 +12,9 @@ from ..layers import LowRankLinear
 from ..linalg import Factors, output_error, singular_values, truncated_svd
 from ...progress import track
 
-ALLOCATION = MethodOption("allocation", click.Choice(["uniform", "welore"]), "uniform",
-                          "rank allocation: same byte ratio per layer, or WeLore's global spectrum threshold")
+ALLOCATION = MethodOption("allocation", str, "uniform",
+                          "rank allocation: same byte ratio per layer, or WeLore's global spectrum threshold",
+                          choices=("uniform", "welore"))
 
 
 class LowRankMethod(Method):

@@ -10,7 +10,6 @@ themselves train, by distillation from the original; recover/). WeLore IS an all
 
 from __future__ import annotations
 
-import click
 import torch
 from torch import nn
 
@@ -18,8 +17,9 @@ from ..base import CompressContext, CompressResult, MethodOption, register
 from ..linalg import Factors, truncated_svd
 from .svd import LowRankMethod
 
-MIN_REDUCTION = MethodOption("min-reduction", click.FloatRange(0.0, 1.0), 0.5,
-                             "WeLore: a matrix becomes low-rank (LRC) only if its rank drops by at least this fraction")
+MIN_REDUCTION = MethodOption("min-reduction", float, 0.5,
+                             "WeLore: a matrix becomes low-rank (LRC) only if its rank drops by at least this fraction",
+                             min=0.0, max=1.0)
 
 
 @register

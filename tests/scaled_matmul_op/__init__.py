@@ -1,4 +1,8 @@
-"""ScaledMatMul: the framework's proof op. y = alpha * (x @ w), then ReLU if relu != 0.
+"""ScaledMatMul, a TEST-ONLY op proving the op layout: y = alpha * (x @ w), then ReLU if relu != 0.
+
+It lives in tests/ (no method emits it) and reaches the framework only through
+`factordeploy.ops.register_op(SPEC)`, called by the tests that use it (`registered()` below): a new
+op needs its own folder plus one registration line, nothing in passes/, plugins/ or engines/.
 
 x [..., K] (activation, dynamic leading dims), w [K, N] (a constant initializer in practice),
 attributes alpha (float) and relu (int). Small enough to check by hand, yet it exercises every
@@ -12,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..spec import Attr, Launch, OpSpec
-from .. import register_op
+from factordeploy.ops import register_op
+from factordeploy.ops.body import Body
+from factordeploy.ops.spec import AotKernel, Attr, Launch, OpSpec
 
 
 def _shapes(dims: list[list[Any]], attrs: dict, alg: Any) -> list[list[Any]]:
@@ -30,24 +35,19 @@ def reference(x, w, alpha: float = 1.0, relu: int = 0):
     return (y.to(x.dtype),)
 
 
-def decompose(graph: Any, node: Any, attrs: dict) -> list[Any]:
-    """MatMul -> Mul(alpha) [-> Relu], in the weight's dtype (fp32 in the ORT artifact)."""
+def body(b: Body, inputs: list, outputs: list, attrs: dict) -> None:
+    """MatMul -> Mul(alpha) [-> Relu], alpha in the weight's dtype (fp32 in the ORT artifact)."""
     import onnx_graphsurgeon as gs
 
-    x, w = node.inputs
-    y = node.outputs[0]
+    x, w = inputs
+    y = outputs[0]
     dtype = w.values.dtype if isinstance(w, gs.Constant) else np.float32
-    base = node.name or "ScaledMatMul"
-    mm = gs.Variable(f"{base}/mm_out", dtype=y.dtype)
-    nodes = [gs.Node("MatMul", f"{base}/MatMul", inputs=[x, w], outputs=[mm])]
-    alpha = gs.Constant(f"{base}/alpha", np.array(attrs["alpha"], dtype=dtype))
+    mm = b.op("MatMul", [x, w], "mm_out", dtype=y.dtype)
+    alpha = b.const("alpha", np.array(attrs["alpha"], dtype=dtype))
     if attrs["relu"]:
-        scaled = gs.Variable(f"{base}/scaled", dtype=y.dtype)
-        nodes.append(gs.Node("Mul", f"{base}/Mul", inputs=[mm, alpha], outputs=[scaled]))
-        nodes.append(gs.Node("Relu", f"{base}/Relu", inputs=[scaled], outputs=[y]))
+        b.op("Relu", [b.op("Mul", [mm, alpha], "scaled", dtype=y.dtype)], "relu", out=y)
     else:
-        nodes.append(gs.Node("Mul", f"{base}/Mul", inputs=[mm, alpha], outputs=[y]))
-    return nodes
+        b.op("Mul", [mm, alpha], "scaled", out=y)
 
 
 def launch(inputs: list, outputs: list, attrs: dict) -> Launch:
@@ -55,7 +55,7 @@ def launch(inputs: list, outputs: list, attrs: dict) -> Launch:
     import torch
     import triton
 
-    from ..kernels import scaled_matmul as k
+    from . import kernel as k
 
     x, w = inputs
     y = outputs[0]
@@ -82,28 +82,33 @@ def example(scale: int, dtype, device: str) -> tuple[list, dict]:
     return [x, w], {"alpha": 0.5, "relu": 1}
 
 
-SPEC = register_op(OpSpec(
+SPEC = OpSpec(
     name="ScaledMatMul",
     inputs=("x", "w"), outputs=("y",),
     input_types=("T", "T"), output_types=("T",),
     attrs=(Attr("alpha", "float", 1.0, "output scale"), Attr("relu", "int", 0, "1: apply ReLU after scaling")),
     output_shapes=_shapes,
     reference=reference,
-    decompose=decompose,
+    body=body,
+    local_function=False,  # the body reads alpha/relu
     launch=launch,
     aot=lambda *a: aot(*a),
     example=lambda scale, dtype, device: example(scale, dtype, device),
     doc=__doc__ or "",
-))
+)
 
 
-def aot(inputs: list, outputs: list, attrs: dict, trtp) -> "AotKernel":
+def registered() -> OpSpec:
+    """The one registration line a new op needs (here called by the tests that use the op)."""
+    return register_op(SPEC)
+
+
+def aot(inputs: list, outputs: list, attrs: dict, trtp, in_types: list[str]) -> AotKernel:
     """Full TensorRT QDP: the same kernel compiled ahead of time (alpha/relu baked in as constants).
 
     Argument order QDP uses: input pointers, output pointers, then extra int32 args. Written, not run
     (no full TensorRT on the development machine)."""
-    from ..kernels import scaled_matmul as k
-    from ..spec import AotKernel
+    from . import kernel as k
 
     x, w = inputs
     y = outputs[0]
@@ -112,7 +117,7 @@ def aot(inputs: list, outputs: list, attrs: dict, trtp) -> "AotKernel":
     for i in range(1, x.ndim - 1):
         m = m * xs[i]
     kdim, n = ws[0], ws[1]
-    ty = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[_dtype_name(x.dtype)]
+    ty = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[in_types[0]]
     # kernel(x, w, y, M, N, K, sxm, sxk, swk, swn, sym, syn, alpha, RELU, IEEE, BLOCK_*): strides of contiguous
     # row-major [M, K], [K, N], [M, N] are (K, 1), (N, 1), (N, 1)
     signature = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": f"*{ty}", "M": "i32", "N": "i32", "K": "i32",
@@ -124,9 +129,3 @@ def aot(inputs: list, outputs: list, attrs: dict, trtp) -> "AotKernel":
     extra = [trtp.SymInt32(e) for e in (m, n, kdim, kdim, 1, n, 1, n, 1)]
     return AotKernel(k.scaled_matmul_kernel, signature, constants,
                      (trtp.cdiv(m, k.BLOCK_M), trtp.cdiv(n, k.BLOCK_N)), extra)
-
-
-def _dtype_name(t) -> str:
-    from ..trt_plugin import trt_type_name
-
-    return trt_type_name(t)

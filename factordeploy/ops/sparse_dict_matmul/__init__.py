@@ -1,9 +1,13 @@
-"""SparseDictMatMul: CoSpaDi's layer (compress/layers.SparseDictLinear) as a plugin op.
+"""CoSpaDi's sparse-dictionary product (compress/layers.SparseDictLinear) as one custom op.
 
 y[..., o] = sum_t val[t, o] * (x @ D^T)[..., idx[t, o]]
-x [..., in] (activation), D [k, in], idx [s, out] (int32 in the TensorRT graph: passes/sparse_dict
-widens the 1-2 byte ONNX indices), val [s, out]; attributes k, s, out_features (informational:
-the shapes carry them too). Output: x's shape with the last dim replaced by out.
+x [..., in] (activation), D [k, in], idx [s, out], val [s, out]; attributes k, s, out_features
+(informational: the shapes carry them too). Output: x's shape with the last dim replaced by out.
+The TensorRT plugin declares int32 indices (its I/O types have no int16 and refuse uint8), so the
+generic plugin pass widens the 1-2 byte ONNX indices once in the TensorRT graph (reported).
+
+This package: SPEC (below), the torch reference, the standard-op body and the dense-refold lowering
+with their cost model (lowering.py), the Triton kernels (kernel.py) and their launch.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import register_op
-from ..spec import Attr, Launch, OpSpec
+from ..spec import Attr, Launch, Lowering, OpSpec
+from .lowering import body, costs, dense_refold
 
 
 def _shapes(dims: list[list[Any]], attrs: dict, alg: Any) -> list[list[Any]]:
@@ -29,14 +33,6 @@ def reference(x, D, idx, val, **_attrs):
     return (((x.float() @ D.float().T) @ S.T).to(x.dtype),)
 
 
-def decompose(graph: Any, node: Any, attrs: dict) -> list[Any]:
-    """Standard ops for ONNX Runtime: the cheaper of gather / dense refold (passes/sparse_dict.py)."""
-    from ...passes.sparse_dict import choose, decomposition_nodes
-
-    how, _ = choose(node)
-    return decomposition_nodes(node, how, {})
-
-
 @dataclass
 class SparseDictLaunch(Launch):
     """Two kernels (dictionary GEMM into an fp32 scratch, then the code gather) on the current stream."""
@@ -45,14 +41,14 @@ class SparseDictLaunch(Launch):
     output: Any = None
 
     def __call__(self) -> Any:
-        from ..kernels.sparse_dict import sparse_dict_matmul
+        from .kernel import sparse_dict_matmul
 
         x, D, idx, val = self.inputs
         return sparse_dict_matmul(x, D, idx, val, out=self.output)
 
 
 def launch(inputs: list, outputs: list, attrs: dict) -> Launch:
-    from ..kernels import sparse_dict as k
+    from . import kernel as k  # lazily: TRITON_INTERPRET=1 must be set before triton compiles
 
     return SparseDictLaunch(k.gather_codes_kernel, (), (), num_warps=k.NUM_WARPS, num_stages=k.NUM_STAGES,
                             inputs=tuple(inputs), output=outputs[0])
@@ -71,7 +67,7 @@ def example(scale: int, dtype, device: str) -> tuple[list, dict]:
     return [x, D, idx, val], {"k": k, "s": s, "out_features": n_out}
 
 
-SPEC = register_op(OpSpec(
+SPEC = OpSpec(
     name="SparseDictMatMul",
     inputs=("x", "D", "idx", "val"), outputs=("y",),
     input_types=("T", "T", "int32", "T"), output_types=("T",),
@@ -79,8 +75,13 @@ SPEC = register_op(OpSpec(
            Attr("out_features", "int", 0, "outputs (= idx.shape[1])")),
     output_shapes=_shapes,
     reference=reference,
-    decompose=decompose,
+    body=body,
+    body_name="gather",
+    lowerings=(Lowering("dense", dense_refold, refolds=True,
+                        doc="W^T = (S D)^T as one constant and one MatMul: fastest on a CPU GEMM, no size saving"),),
+    cost=costs,
+    ort_flag="ort-sparse-dict",
     launch=launch,
-    example=lambda scale, dtype, device: example(scale, dtype, device),
+    example=example,
     doc=__doc__ or "",
-))
+)

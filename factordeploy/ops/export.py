@@ -1,4 +1,4 @@
-"""Emit a plugin op's node from torch during ONNX export (dynamo exporter).
+"""Emit a custom op's node from torch during ONNX export (dynamo exporter): what layers call.
 
 Inside a module's forward:
 

@@ -1,4 +1,4 @@
-"""Triton kernels for SparseDictMatMul: y[M, out] = (x[M, in] @ D[k, in]^T) gathered by the codes.
+"""Triton kernels of the sparse-dictionary op: y[M, out] = (x[M, in] @ D[k, in]^T) gathered by the codes.
 
 Two kernels, launched back to back by `sparse_dict_matmul`:
 1. `dict_matmul_kernel`: z = x @ D^T (M x k), a tiled GEMM with fp32 accumulation;

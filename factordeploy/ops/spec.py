@@ -1,8 +1,9 @@
-"""The per-op description every plugin op provides (`OpSpec`), and the small vocabularies it uses.
+"""The per-op description every custom op provides (`OpSpec`), and the small vocabularies it uses.
 
-An op spec is pure data + functions; it never imports TensorRT. The TensorRT plugin class
-(plugins/trt_plugin.py), the Quickly-Deployable-Plugin registration (plugins/qdp.py), the ORT
-decomposition pass (passes/plugin_nodes.py) and the GPU contract benchmark all read the same spec.
+An op spec is pure data + functions; it never imports TensorRT. The export emit (ops/export.py),
+the ORT lowering and model-local function passes (passes/custom_ops.py), the TensorRT plugin class
+(plugins/trt_plugin.py), the Quickly-Deployable-Plugin registration (plugins/qdp.py) and the GPU
+contract benchmark all read the same spec.
 """
 
 from __future__ import annotations
@@ -104,6 +105,24 @@ class AotKernel:
 
 
 @dataclass(frozen=True)
+class Lowering:
+    """One way to run a custom node on ONNX Runtime besides the op's standard-op body.
+
+    build(node, attrs, prefix) -> standard-op gs.Nodes computing node.outputs from node.inputs
+    (constant inputs may be read at rewrite time, e.g. to refold a dense matrix). `refolds`: the
+    lowering stores a dense weight again (no size saving in model.onnx; the report says so).
+    """
+
+    name: str
+    build: Callable[..., list]
+    refolds: bool = False
+    doc: str = ""
+
+
+BodyFn = Callable[..., None]  # (b: ops.body.Body, inputs, outputs, attrs) -> None, writes nodes into b
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """Everything the framework needs to turn a custom-domain ONNX node into a plugin layer.
 
@@ -115,11 +134,16 @@ class OpSpec:
     - output_shapes(input_dims, attrs, algebra) -> one dims list per output; written once with the
       ShapeAlgebra so it serves TensorRT's expression builder and plain ints alike.
     - reference(*tensors, **attrs) -> tuple of torch tensors: the ground truth.
-    - decompose(graph, node, attrs) -> list of standard-op gs.Nodes computing node.outputs from
-      node.inputs (used for ONNX Runtime and as the ONNX local function).
+    - body(b, inputs, outputs, attrs): the op's ONE standard-op body, written with onnx-graphsurgeon
+      through ops.body.Body; it becomes both the ORT lowering named `body_name` (inlined per node)
+      and the ONNX model-local function shipped in the TensorRT graph (so ORT runs that file too).
+    - lowerings (optional): more ORT lowerings (`Lowering`), and `cost(consts, attrs)` -> modelled
+      seconds per lowering name (consts: each input's constant array or None), with which
+      the generic lowering pass picks one per node under the "cost" policy.
+    - ort_flag (optional): the `deploy build` flag that sets this op's ORT lowering policy.
     - launch(inputs, outputs, attrs) -> Launch: the Triton launch for torch tensors already on the
       GPU; `enqueue` calls it on TensorRT's stream, benchmarks/gpu calls it directly.
-    - aot (optional): (input TensorDescs, output TensorDescs, attrs, trtp) -> AotKernel, for full
+    - aot (optional): (input TensorDescs, output TensorDescs, attrs, trtp, input dtype names) -> AotKernel, for full
       TensorRT's Quickly Deployable Plugins: the Triton kernel compiled to PTX and embedded in the
       engine, so the engine runs without Python (see plugins/qdp.py).
     - example (optional): (scale: int, dtype: torch.dtype, device: str) -> (input tensors, attrs);
@@ -134,8 +158,13 @@ class OpSpec:
     attrs: tuple[Attr, ...]
     output_shapes: ShapeRule
     reference: Callable[..., tuple]
-    decompose: Callable[..., list]
+    body: BodyFn
     launch: Callable[[list, list, dict], Launch]
+    body_name: str = "standard"
+    lowerings: tuple[Lowering, ...] = ()
+    cost: Callable[[list, dict], dict[str, float]] | None = None
+    ort_flag: str = ""
+    local_function: bool = True  # body reads no attributes, so it can ship as a model-local function
     float_types: tuple[str, ...] = FLOAT_TYPES
     aot: Callable[..., "AotKernel"] | None = None  # optional: full TensorRT QDP ahead-of-time path (plugins/qdp.py)
     example: Callable[..., tuple[list, dict]] | None = None  # optional: (shape_scale, dtype, device) -> (inputs, attrs)
@@ -151,6 +180,16 @@ class OpSpec:
     @property
     def num_outputs(self) -> int:
         return len(self.outputs)
+
+    def lowering_names(self) -> tuple[str, ...]:
+        return (self.body_name,) + tuple(lw.name for lw in self.lowerings)
+
+    def policies(self) -> tuple[str, ...]:
+        """Allowed ORT lowering policies: "cost" (per node, needs a cost model) or one lowering for all."""
+        return (("cost",) if self.cost is not None else ()) + self.lowering_names()
+
+    def default_policy(self) -> str:
+        return self.policies()[0]
 
     def attr_values(self, given: dict | None = None) -> dict[str, Any]:
         """Defaults overlaid with `given` (unknown keys ignored), cast to each attribute's kind."""

@@ -1,0 +1,64 @@
+"""Where an op's standard-op body writes its nodes, and the two things made from one body.
+
+An op writes its body once (`OpSpec.body(b, inputs, outputs, attrs)`) against `Body`:
+`b.op("MatMul", [x, w], "mm")` appends a gs.Node and returns its output Variable, `out=` binds the
+final node to a given output, `b.const("axes", array)` makes a constant. From that one body:
+- `inline(spec, node, prefix)`: nodes replacing a custom node in a graph (the ONNX Runtime lowering),
+  reading the node's own input tensors;
+- `as_function(spec)`: a gs.Function (ONNX model-local function, domain and name of the op), which
+  ONNX Runtime expands where the TensorRT graph keeps the custom node for the plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .spec import OpSpec
+
+# Attributes the TensorRT parser reads on plugin nodes; a local function must declare them too.
+PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
+
+
+class Body:
+    """A node list under a name prefix (a layer's `fd/<layer>/<kind>` when inlined, none in a function)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.nodes: list[gs.Node] = []
+
+    def _name(self, role: str) -> str:
+        return f"{self.prefix}/{role}" if self.prefix else role
+
+    def const(self, role: str, values: Any) -> gs.Constant:
+        return gs.Constant(self._name(role), np.ascontiguousarray(values))
+
+    def op(self, op_type: str, inputs: Sequence[gs.Tensor], role: str, attrs: dict | None = None,
+           dtype: Any = None, out: gs.Variable | None = None) -> gs.Variable:
+        """Append `op_type` (named `<prefix>/<op_type>_<role>`); returns its output (`out` when given)."""
+        y = out if out is not None else gs.Variable(self._name(role), dtype=dtype)
+        self.nodes.append(gs.Node(op_type, self._name(f"{op_type}_{role}"), attrs=dict(attrs or {}),
+                                  inputs=list(inputs), outputs=[y]))
+        return y
+
+
+def inline(spec: OpSpec, node: gs.Node, attrs: dict, prefix: str) -> list[gs.Node]:
+    """The body's nodes computing `node`'s outputs from its inputs (the node itself is left to the caller)."""
+    b = Body(prefix)
+    spec.body(b, list(node.inputs), list(node.outputs), attrs)
+    return b.nodes
+
+
+def as_function(spec: OpSpec, opset: int = 18) -> gs.Function:
+    """The body as a model-local function `<domain>::<name>`; attributes declared so runtimes accept them.
+
+    Only for specs with `local_function=True`: their body must not read attributes (it gets None)."""
+    inputs = [gs.Variable(n) for n in spec.inputs]
+    outputs = [gs.Variable(n) for n in spec.outputs]
+    b = Body()
+    spec.body(b, inputs, outputs, None)  # attrs=None: a function body reads dims through Shape ops, not attributes
+    attrs = {a.name: None for a in spec.attrs} | {a: None for a in PLUGIN_ATTRS}
+    return gs.Function(spec.name, domain=spec.domain, nodes=b.nodes, inputs=inputs, outputs=outputs, attrs=attrs,
+                       opset=opset)

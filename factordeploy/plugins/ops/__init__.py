@@ -1,1 +1,0 @@
-"""One module per plugin op; each calls factordeploy.plugins.register_op(OpSpec(...)) at import."""
