@@ -58,10 +58,12 @@ def _key(r: dict) -> tuple:
 @click.option("--calib", type=int, default=32)
 @click.option("--ppl-windows", type=int, default=4, help="evaluation windows of 512 tokens per domain (decoders)")
 @click.option("--sentences", type=int, default=256, help="evaluation sentences per domain (encoders)")
+@click.option("--eval-windows", type=int, default=8, help="held-out selection windows (keep-best evaluation)")
+@click.option("--eval-every", type=int, default=5)
 @click.option("--out", default=None)
 @click.option("--quiet", is_flag=True)
 def main(model, ratios, methods, adapters, steps, batch, samples, seq_len, rank, lr, data_spec, calib, ppl_windows,
-         sentences, out, quiet) -> None:
+         sentences, eval_windows, eval_every, out, quiet) -> None:
     set_quiet(quiet)
     out = Path(out or f"benchmarks/results/recovery-{model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,8 @@ def main(model, ratios, methods, adapters, steps, batch, samples, seq_len, rank,
         data["eval"] = {"ppl_windows": ppl_windows, "sentences": sentences}
     else:
         probe.capture_original(loaded.model)  # encoders need the reference embeddings again
-    base = RecoveryConfig(steps=steps, rank=rank, lr=lr, batch=batch, data=data_spec, samples=samples, seq_len=seq_len)
+    base = RecoveryConfig(steps=steps, rank=rank, lr=lr, batch=batch, data=data_spec, samples=samples, seq_len=seq_len,
+                          eval_windows=eval_windows, eval_every=eval_every)
     teacher = capture_teacher(loaded, loaded.model, base)
     data.setdefault("teacher", {})[data_spec] = {"source": teacher.data.source, "seconds": teacher.seconds}
     _save(out, data)
