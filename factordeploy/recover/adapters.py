@@ -44,6 +44,7 @@ from torch.nn.utils import parametrize
 from ..compress.layers import DenseSparseLinear, FactorizedLinear, LowRankLinear, Sparse24Linear, SparseDictLinear
 
 ADAPTERS = ("none", "lora", "lora-ggpo", "wara")
+GGPO_MAX_REL = 5.0
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,13 @@ class AdapterSet:
     def perturb(self, step: int) -> None:
         """Add the GGPO noise to every frozen factor (its exact values saved for `restore`).
 
-        Per output row i of a factor W: n_i ~ N(0, I) * (sigma ||W_i|| + beta ||g_i||^2) / sqrt(cols),
-        g = the gradient w.r.t. the adapted factor from the previous backward (0 at step 0),
-        so the noise is larger where the weights are large and where the loss is sharp.
+        Per output row i of a factor W: n_i ~ N(0, I) * ||W_i|| (sigma + beta ||g_i||^2 / mean_j ||g_j||^2) / sqrt(cols),
+        g = the gradient w.r.t. the adapted factor from the previous backward (0 at step 0), so the
+        noise is larger where the weights are large and where the loss is sharp. The public port's
+        absolute beta ||g_i||^2 has units of gradient^2: on MiniLM's factors it reached O(100) and
+        the perturbed forward overflowed to NaN (measured), so the gradient term is taken relative
+        to the factor's mean (capped at GGPO_MAX_REL = 5: a row's noise stays below 8% of its norm)
+        and scales the row's weight norm.
         """
         if self.config.kind != "lora-ggpo":
             return
@@ -196,7 +201,8 @@ class AdapterSet:
                 self._saved.append(W.detach().clone())
                 rows = W.detach().float().norm(dim=-1)
                 g2 = d.grad_sq_rows if d is not None and d.grad_sq_rows is not None else torch.zeros_like(rows)
-                scale = (self.config.ggpo_sigma * rows + self.config.ggpo_beta * g2.to(rows.device)) / math.sqrt(W.shape[-1])
+                g2 = (g2.to(rows.device) / g2.mean().clamp_min(1e-30)).clamp_max(GGPO_MAX_REL)
+                scale = rows * (self.config.ggpo_sigma + self.config.ggpo_beta * g2) / math.sqrt(W.shape[-1])
                 noise = torch.randn(W.shape, generator=gen).to(W.device, torch.float32) * scale[:, None]
                 if f.mask is not None:
                     noise = noise * f.mask

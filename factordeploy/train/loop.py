@@ -78,6 +78,7 @@ class TrainResult:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     lr: float = 0.0
+    skipped_microsteps: int = 0  # non-finite losses: their gradients were dropped
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -216,11 +217,15 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], loss_fn: LossFn, bat
                     acc.backward(loss)
                     if hooks.after_backward:
                         hooks.after_backward(step)
+                    if not torch.isfinite(loss.detach()):  # never let one bad batch poison the weights
+                        res.skipped_microsteps += 1
+                        for p in params:
+                            p.grad = None
                     if acc.sync_gradients and cfg.grad_clip > 0:
                         acc.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                total += float(loss.detach()) / accum
+                total += float(loss.detach()) / accum if torch.isfinite(loss.detach()) else 0.0
                 res.tokens += _batch_tokens(batch) * world
             sched.step()
             res.losses.append(total)
