@@ -48,6 +48,7 @@ class BuildConfig:
     backend: str = "auto"
     precision: str = "fp32"
     sparse_weights: bool = False
+    quantize: str = "none"  # none | int8: ONNX Runtime dynamic int8 of model.onnx (engines/quantize.py)
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
@@ -73,6 +74,9 @@ def check_config(cfg: BuildConfig) -> None:
     get_method(cfg.method)
     check_recovery_config(cfg.recovery)
     check_policies(cfg.ort_lowering)
+    from .engines.quantize import check_mode
+
+    check_mode(cfg.quantize)
     check_engine_config(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -145,7 +149,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     from .export import export_onnx
     from .export.onnx_export import export_original_cached
     from .passes.presets import ort_pipeline
-    from .verify.fidelity import compare_torch_onnx
+    from .verify.fidelity import check_plan, compare_torch_onnx
     from .verify.quality import QualityProbe
 
     torch.manual_seed(cfg.seed)
@@ -228,16 +232,22 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
 
     from .engines.tensorrt_stage import engine_stage
 
-    feeds = fidelity_feeds(loaded)
+    plan = check_plan(loaded, model)  # decoders: prefill + cached decode steps (export/kv_cache.py)
+    feeds = plan.feeds
     engine_report, engine_artifacts = engine_stage(cfg, feeds, raw_path, model_path, factorized, tmp, timings)
     raw_path.unlink()
 
     with stage("verify export (polygraphy: torch vs ONNX Runtime)", timings):
         atol, rtol = tolerances(loaded)
-        fid = compare_torch_onnx(lambda x: loaded.output(model, x), str(model_path), feeds, loaded.input_names,
-                                 loaded.output_name, atol=atol, rtol=rtol, device=cfg.device)
+        fid = compare_torch_onnx(plan.fn, str(model_path), feeds, plan.input_names, plan.output_names,
+                                 atol=atol, rtol=rtol, device=cfg.device)
     if not fid.passed:
         log(f"WARNING: export fidelity check FAILED (max abs {fid.max_abs:.3g} > atol {atol})")
+
+    quant: dict = {}
+    if cfg.quantize != "none":
+        quant = quantize_artifact(cfg, loaded, plan, probe if cfg.evaluate else None, model_path, opt_path, timings)
+        quality |= quant.pop("quality", {})
 
     latency = []
     with stage("latency (ONNX Runtime)", timings):
@@ -245,7 +255,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         comp_sess = ortmod.session(model_path)
         base_sess = ortmod.session(baseline_path) if cfg.baseline else None
         for b, s in cfg.latency_points:
-            feeds_l = ortmod.random_feeds(loaded.input_names, b, s, vocab)
+            feeds_l = ortmod.session_feeds(comp_sess, b, s, vocab)
             row = {"batch": b, "seq": s, "compressed": asdict(ortmod.measure_latency(comp_sess, feeds_l, cfg.latency_runs))}
             if base_sess is not None:
                 row["original"] = asdict(ortmod.measure_latency(base_sess, feeds_l, cfg.latency_runs))
@@ -275,6 +285,7 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
         "export": asdict(exp) | {"path": "model.onnx"},
         "passes": pctx.log,
         "fidelity": fid.as_dict() | {"feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds]},
+        **({"quantize": quant} if quant else {}),
         "quality": quality,
         "latency": {"engine": "onnxruntime", "providers": ortmod.providers(), "points": latency},
         "engine": engine_report,
@@ -286,16 +297,39 @@ def _build_into(cfg: BuildConfig, tmp: Path) -> dict:
     }
 
 
-def fidelity_feeds(loaded: LoadedModel) -> list[dict]:
-    """Real tokenized held-out text at two shapes (dynamic axes exercised)."""
-    from .models import text as textmod
+def quantize_artifact(cfg: BuildConfig, loaded: LoadedModel, plan, probe, model_path: Path, opt_path: Path,
+                      timings: dict) -> dict:
+    """--quantize int8: model.onnx becomes the int8 artifact; the export check and the quality
+    probe run again on that file (mean-error tolerance stated in the report)."""
+    from .engines import ort as ortmod
+    from .engines.ort_model import OrtModel
+    from .engines.quantize import quantize_int8
+    from .verify.fidelity import compare_torch_onnx
 
-    sents = textmod.sentences(textmod.evaluation_articles())
-    feeds = []
-    for i, (n, max_len) in enumerate(((2, 32), (4, 64))):
-        enc = loaded.encode(sents[i * 8:i * 8 + n], max_len)
-        feeds.append({k: v.numpy() for k, v in enc.items()})
-    return feeds
+    fp32 = model_path.with_name("model.fp32.onnx")
+    with stage(f"quantize ({cfg.quantize}, onnxruntime dynamic)", timings):
+        os.replace(model_path, fp32)
+        res = quantize_int8(fp32, model_path)
+        fp32.unlink()
+        ortmod.session(model_path, optimized_out=opt_path)
+    out: dict = res.as_dict() | {"path": model_path.name}
+    with stage("verify int8 artifact (polygraphy: torch fp32 vs ONNX Runtime int8)", timings):
+        atol = int8_tolerance(loaded)
+        fid = compare_torch_onnx(plan.fn, str(model_path), plan.feeds, plan.input_names, plan.output_names,
+                                 atol=atol, rtol=0.0, device=cfg.device, error_stat="mean")
+        out["fidelity"] = fid.as_dict()
+    if not fid.passed:
+        log(f"WARNING: int8 artifact check FAILED (mean abs {fid.mean_abs:.3g} > {atol})")
+    if probe is not None:
+        with stage("evaluate int8 artifact (ONNX Runtime)", timings):
+            out["quality"] = {"artifact_int8": probe.score(OrtModel(model_path))}
+    return out
+
+
+def int8_tolerance(loaded: LoadedModel) -> float:
+    """Mean |int8 - fp32 torch| allowed. int8 weights move every output a little (measured: SmolLM2
+    logits ~0.1-0.2 mean, MiniLM hidden states ~0.01-0.02); a broken graph moves them by O(1)+."""
+    return 0.5 if loaded.kind == "decoder" else 0.05
 
 
 def tolerances(loaded: LoadedModel) -> tuple[float, float]:

@@ -88,6 +88,9 @@ def _op_lowering_options(f):
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="compute precision of the TensorRT graph (model.onnx stays fp32)")
 @click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="int8: ONNX Runtime dynamic int8 of model.onnx (every constant-weight MatMul, factors included); "
+                   "export check and quality run on the int8 file")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
@@ -110,7 +113,7 @@ def _op_lowering_options(f):
 @_op_lowering_options
 @_method_options
 def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, trt_batch, trt_seq, recover_steps, adapter,
+          quiet, backend, precision, sparse_weights, quantize, trt_batch, trt_seq, recover_steps, adapter,
           adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
           recover_checkpoint, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
@@ -125,6 +128,7 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
                       sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq,
+                      quantize=quantize,
                       recovery=RecoveryConfig(steps=recover_steps, adapter=adapter, rank=adapter_rank, lr=recover_lr,
                                               batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
                                               samples=recover_samples, seq_len=calib_len,
@@ -133,14 +137,51 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "
                f"export check {'passed' if r['fidelity']['passed'] else 'FAILED'} (max abs {r['fidelity']['max_abs']:.2g})")
+    q = r.get("quantize")
+    if q:
+        click.echo(f"int8 artifact: {q['bytes_before'] / 1e6:.1f} -> {q['bytes_after'] / 1e6:.1f} MB "
+                   f"({q['matmuls_quantized']}/{q['matmuls_total']} MatMuls int8), check "
+                   f"{'passed' if q['fidelity']['passed'] else 'FAILED'} (mean abs {q['fidelity']['mean_abs']:.2g} <= {q['fidelity']['atol']})")
     e = r.get("engine") or {}
     if e.get("engine_path"):
         click.echo(f"engine ({e['backend']}, {e['precision']}): {res.out}/{e['engine_path']} {e['engine_bytes'] / 1e6:.2f} MB, "
                    f"{e['layers']} layers, built in {e['build_seconds']:.1f} s; executed: {'yes' if e['executed'] else 'no'} ({e['reason']})")
     elif e:
         click.echo(f"backend: {e['backend']} ({e['reason']})")
-    if not r["fidelity"]["passed"]:
+    if not r["fidelity"]["passed"] or (q and not q["fidelity"]["passed"]):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--prompt", "prompts", multiple=True, required=True, help="prompt text (repeat for several prompts)")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--sample", is_flag=True, help="sample instead of greedy decoding")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="with --sample")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="with --sample: nucleus mass kept")
+@click.option("--seed", type=int, default=0, show_default=True, help="with --sample")
+@click.option("--model-file", default="model.onnx", show_default=True, help="the ONNX file in FOLDER (e.g. model.int8.onnx)")
+@click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime intra-op threads (0 = ORT default)")
+@click.option("--ignore-eos", is_flag=True, help="always generate --max-new-tokens tokens")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per prompt (ids, text, timings)")
+def generate(folder, prompts, max_new_tokens, sample, temperature, top_p, seed, model_file, threads, ignore_eos, as_json):
+    """Generate text from a built decoder FOLDER with ONNX Runtime and its KV cache."""
+    import json
+
+    from .serve.generate import SamplingConfig, open_folder
+
+    served = open_folder(folder, model_file=model_file, threads=threads)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+                         seed=seed, eos_ids=served.eos_ids, ignore_eos=ignore_eos)
+    cfg.check()
+    for prompt in prompts:
+        g = served.generate(prompt, cfg)
+        if as_json:
+            click.echo(json.dumps({"prompt": prompt, **g.as_dict()}))
+            continue
+        click.echo(prompt + g.text)
+        click.echo(f"[{len(g.new_ids)} tokens, prefill {g.prefill_s * 1e3:.0f} ms ({len(g.prompt_ids)} tokens), "
+                   f"{g.tokens_per_s:.1f} tokens/s ({served.runner.name})]", err=True)
 
 
 @main.command()

@@ -46,14 +46,28 @@ def render_markdown(r: dict) -> str:
         f"onnx.checker: {r['export']['checker']}; shape inference: {r['export']['shape_inference']}; opset {r['export']['opset']}.",
         "",
     ]
+    qz = r.get("quantize")
+    if qz:
+        qf = qz["fidelity"]
+        lines += ["## int8 artifact (onnxruntime dynamic quantization)",
+                  f"model.onnx is int8: {_mb(qz['bytes_before'])} -> {_mb(qz['bytes_after'])} "
+                  f"({qz['matmuls_quantized']} of {qz['matmuls_total']} constant-weight MatMuls int8). Check vs the fp32 "
+                  f"torch model: **{'PASSED' if qf['passed'] else 'FAILED'}** - mean abs {qf['mean_abs']:.3g} <= {qf['atol']} "
+                  f"(max abs {qf['max_abs']:.3g}, not bounded: int8 rounding).", ""]
     if q:
-        lines += ["## Quality on held-out text (vs the original model)", "| metric | original | compressed |", "|---|---:|---:|"]
+        art = q.get("artifact_int8")
+        lines += ["## Quality on held-out text (vs the original model)",
+                  "| metric | original | compressed |" + (" int8 artifact |" if art else ""),
+                  "|---|---:|---:|" + ("---:|" if art else "")]
         comp, orig = q["compressed"], q["original"]
         if "perplexity" in comp:
-            lines.append(f"| perplexity ({comp['windows']} x {comp['window_len']} tokens) | {orig['perplexity']:.3f} | {comp['perplexity']:.3f} |")
+            lines.append(f"| perplexity ({comp['windows']} x {comp['window_len']} tokens) | {orig['perplexity']:.3f} | {comp['perplexity']:.3f} |"
+                         + (f" {art['perplexity']:.3f} |" if art else ""))
         else:
-            lines.append(f"| mean embedding cosine vs original ({comp['eval_sentences']} sentences) | 1.0 | {comp['embedding_cosine_mean']:.4f} |")
-            lines.append(f"| polarity probe accuracy (LOO nearest centroid, 200 sentences) | {orig['polarity_accuracy']:.3f} | {comp['polarity_accuracy']:.3f} |")
+            lines.append(f"| mean embedding cosine vs original ({comp['eval_sentences']} sentences) | 1.0 | {comp['embedding_cosine_mean']:.4f} |"
+                         + (f" {art['embedding_cosine_mean']:.4f} |" if art else ""))
+            lines.append(f"| polarity probe accuracy (LOO nearest centroid, 200 sentences) | {orig['polarity_accuracy']:.3f} | {comp['polarity_accuracy']:.3f} |"
+                         + (f" {art['polarity_accuracy']:.3f} |" if art else ""))
         lines.append("")
     lat = r["latency"]
     lines += [f"## Latency ({lat['engine']}, {', '.join(lat['providers'])}; median of runs)",

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("passes",),
     ("plugins",),
     ("engines",),
+    ("serve",),                          # generation runtime over engines (step runners)
     ("verify",),
     ("report", "pipeline"),
     ("build",),

@@ -13,6 +13,7 @@ from factordeploy.compress.layers import LowRankLinear
 from factordeploy.compress.targets import find_targets
 from factordeploy.engines import ort as ortmod
 from factordeploy.export import export_onnx
+from factordeploy.export.kv_cache import CacheSpec, step_inputs
 from factordeploy.models import load_model
 from factordeploy.passes.annotate import factorized_nodes, read_manifest
 from factordeploy.passes.pipeline import PassContext, run_pipeline
@@ -75,7 +76,11 @@ def test_onnxruntime_matches_torch(fixture, request, tmp_path):
         inputs = loaded.example_inputs(batch, seq)
         with torch.no_grad():
             ref = loaded.output(loaded.model, inputs).numpy()
-        got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        feeds = {k: v.numpy() for k, v in inputs.items()}
+        if loaded.kind == "decoder":  # the KV-cache graph: a prefill with past length 0
+            spec = CacheSpec.from_config(loaded.model.config)
+            feeds = step_inputs(feeds["input_ids"], feeds["attention_mask"]) | spec.empty_past(batch)
+        got = sess.run(None, feeds)[0]
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
 

@@ -41,6 +41,22 @@ def random_feeds(input_names: list[str], batch: int, seq: int, vocab: int, seed:
     return feeds
 
 
+def session_feeds(sess: ort.InferenceSession, batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds for every input of `sess` at (batch, seq); a KV-cache graph gets past length 0
+    (the first pass over a prompt of `seq` tokens)."""
+    from ..export.kv_cache import PAST
+
+    names = [i.name for i in sess.get_inputs()]
+    feeds = random_feeds([n for n in names if n != "position_ids" and not n.startswith("past_")], batch, seq, vocab, seed)
+    for i in sess.get_inputs():
+        if i.name == "position_ids":
+            feeds[i.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif i.name.startswith("past_"):
+            shape = [batch if ax == 0 else 0 if d == PAST else d for ax, d in enumerate(i.shape)]
+            feeds[i.name] = np.zeros(shape, np.float32)
+    return feeds
+
+
 @dataclass
 class Latency:
     batch: int

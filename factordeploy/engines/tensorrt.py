@@ -146,7 +146,15 @@ def _network_flags(info: TrtInfo) -> int:
 
 
 def _profile_shapes(network: Any, cfg: TrtBuildConfig) -> dict[str, dict[str, list[int]]]:
-    """min/opt/max per network input: axis 0 from --batch, axis 1 from --seq (the exporter's dynamic axes)."""
+    """min/opt/max per network input: axis 0 from --batch, axis 1 from --seq (the exporter's dynamic axes).
+
+    A KV-cache decoder (export/kv_cache.py) also has past_key_values.* whose axis 2 (past length)
+    ranges 0..seq max, and an attention mask of past + sequence tokens.
+    """
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    with_past = any(n.startswith("past_key_values.") for n in names)
+    past = Range3(0, cfg.seq.opt, cfg.seq.max)
+    total = Range3(cfg.seq.min, 2 * cfg.seq.opt, 2 * cfg.seq.max)
     shapes = {}
     for i in range(network.num_inputs):
         t = network.get_input(i)
@@ -155,7 +163,12 @@ def _profile_shapes(network: Any, cfg: TrtBuildConfig) -> dict[str, dict[str, li
         for ax, d in enumerate(dims):
             if d != -1:
                 continue
-            r = cfg.batch if ax == 0 else cfg.seq if ax == 1 else None
+            if with_past and t.name.startswith("past_key_values."):
+                r = cfg.batch if ax == 0 else past if ax == 2 else None
+            elif with_past and t.name == "attention_mask":
+                r = cfg.batch if ax == 0 else total
+            else:
+                r = cfg.batch if ax == 0 else cfg.seq if ax == 1 else None
             if r is None:
                 raise UserError(f"input '{t.name}' has a dynamic axis {ax} with no profile rule",
                                 "only batch (axis 0) and sequence (axis 1) may be dynamic")

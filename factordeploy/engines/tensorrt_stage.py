@@ -19,7 +19,7 @@ from .trt_module import choose_backend, describe
 
 def engine_stage(cfg: Any, feeds: list[dict], raw_path: Path, model_path: Path, layers: dict, tmp: Path,
                  timings: dict) -> tuple[dict, dict[str, Path]]:
-    """`feeds`: the build's real-text inputs (build.fidelity_feeds), for running/checking the engine."""
+    """`feeds`: the build's real-text inputs (verify.fidelity.check_plan), for running/checking the engine."""
     from ..passes.pipeline import PassContext, run_pipeline
     from ..passes.presets import trt_pipeline
     from .tensorrt import Range3, TrtBuildConfig, build_engine

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.registry import LoadedModel
+from . import kv_cache
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf caps a single file at 2 GB
@@ -51,39 +52,54 @@ class ExportResult:
     shape_inference: str
     nodes: int
     initializers: int
+    inputs: list[str]
+    outputs: list[str]
 
 
 def export_onnx(loaded: LoadedModel, model: nn.Module, path: str | Path, opset: int = OPSET,
                 batch: int = 2, seq: int = 16, optimize: bool = False) -> ExportResult:
     """Export `model` (the loaded model or a compressed copy) to `path` and validate it.
 
+    Encoders: `input_ids, attention_mask[, token_type_ids] -> last_hidden_state`. Decoders get
+    the KV-cache signature of Optimum's with-past export (export/kv_cache.py), so the same
+    model.onnx serves prefill and decode steps.
+
     The exporter's own onnxscript optimizer is off by default: on a 30-layer decoder it
     costs as much as the translation itself, and our pass pipeline (passes/) folds
     constants anyway, with the guarantee that factorized layers are never refolded.
     """
     path = Path(path)
-    wrapper = ExportWrapper(loaded, model).eval()
     device = next(model.parameters()).device  # export where the model lives (cuda for big models)
     inputs = loaded.example_inputs(batch, seq)
-    args = tuple(inputs[n].to(device) for n in loaded.input_names)
     max_pos = int(getattr(getattr(model, "config", None), "max_position_embeddings", 8192) or 8192)
-    b = torch.export.Dim("batch", min=1, max=4096)
-    s = torch.export.Dim("sequence", min=1, max=max_pos)
-    dyn = {n: {0: b, 1: s} for n in loaded.input_names}
+    if loaded.kind == "decoder":
+        spec = kv_cache.CacheSpec.from_config(model.config)
+        wrapper: nn.Module = kv_cache.WithPast(model, spec).eval()
+        args = tuple(a.to(device) for a in kv_cache.example_args(spec, inputs["input_ids"]))
+        in_names, out_names = spec.input_names, spec.output_names
+        dyn: object = kv_cache.dynamic_shapes(spec, max_pos)
+    else:
+        wrapper = ExportWrapper(loaded, model).eval()
+        args = tuple(inputs[n].to(device) for n in loaded.input_names)
+        in_names, out_names = list(loaded.input_names), [loaded.output_name]
+        b = torch.export.Dim("batch", min=1, max=4096)
+        s = torch.export.Dim("sequence", min=1, max=max_pos)
+        dyn = {n: {0: b, 1: s} for n in loaded.input_names}
     t0 = time.perf_counter()
     buf_out, buf_err = io.StringIO(), io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err), torch.no_grad():
             warnings.simplefilter("ignore")
-            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=list(loaded.input_names),
-                                     output_names=[loaded.output_name], dynamic_shapes=dyn, opset_version=opset,
-                                     optimize=optimize, verbose=False)
+            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
+                                     dynamic_shapes=dyn, opset_version=opset, optimize=optimize, verbose=False)
     except Exception as e:
         tail = (buf_err.getvalue() or buf_out.getvalue()).strip().splitlines()[-3:]
         raise UserError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} {' | '.join(tail)}",
                         "report this model/method combination; try --method svd to isolate the layer type") from e
     proto = prog.model_proto
+    if loaded.kind == "decoder":
+        kv_cache.name_total_axis(proto)
     size = proto.ByteSize()
     path.parent.mkdir(parents=True, exist_ok=True)
     if size > EXTERNAL_DATA_THRESHOLD:
@@ -94,7 +110,7 @@ def export_onnx(loaded: LoadedModel, model: nn.Module, path: str | Path, opset: 
     seconds = time.perf_counter() - t0
     checker, shapes = validate_onnx(path)
     return ExportResult(str(path), opset, round(seconds, 3), checker, shapes, len(proto.graph.node),
-                        len(proto.graph.initializer))
+                        len(proto.graph.initializer), in_names, out_names)
 
 
 def validate_onnx(path: str | Path) -> tuple[str, str]:
@@ -117,7 +133,7 @@ def _source_key(loaded: LoadedModel, opset: int) -> str:
     """Identity of an unmodified model's export: its files (name, size, mtime), torch and opset."""
     import hashlib
 
-    h = hashlib.sha256(f"{loaded.name}|{torch.__version__}|{onnx.__version__}|{opset}|noopt".encode())
+    h = hashlib.sha256(f"{loaded.name}|{torch.__version__}|{onnx.__version__}|{opset}|noopt|{loaded.kind}-kv1".encode())
     src = Path(loaded.source)
     for f in sorted(src.rglob("*")) if src.is_dir() else []:
         if f.is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,10 +20,13 @@ from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, CompareFunc
 
 from ..engines.ort import providers
+from ..export import kv_cache
+from ..models.registry import LoadedModel
+from ..models.text import evaluation_articles, sample_windows
 
 
 class TorchRunner(BaseRunner):
-    """Runs a callable (named inputs -> tensor) on torch; device follows the model."""
+    """Runs a callable (named inputs -> tensor, or -> {output name: array}) on torch; device follows the model."""
 
     def __init__(self, fn, input_names: list[str], output_name: str, device: str = "cpu", name: str | None = None):
         super().__init__(name=name, prefix="torch-runner")
@@ -34,7 +38,10 @@ class TorchRunner(BaseRunner):
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
         for n in self.input_names:
-            meta.add(n, np.int64, (-1, -1))
+            if n.startswith("past_key_values."):
+                meta.add(n, np.float32, (-1, -1, -1, -1))
+            else:
+                meta.add(n, np.int64, (-1, -1))
         return meta
 
     def infer_impl(self, feed_dict):
@@ -43,6 +50,8 @@ class TorchRunner(BaseRunner):
             t0 = time.perf_counter()
             out = self.fn(inputs)
             self.inference_time = time.perf_counter() - t0
+        if isinstance(out, dict):
+            return OrderedDict((k, np.asarray(v, dtype=np.float32)) for k, v in out.items())
         return OrderedDict([(self.output_name, out.float().cpu().numpy())])
 
     def deactivate_impl(self):
@@ -59,23 +68,29 @@ class FidelityResult:
     mean_abs: float
     iterations: int
     runners: tuple[str, str]
+    error_stat: str = "elemwise"
 
     def as_dict(self) -> dict:
         return self.__dict__ | {"runners": list(self.runners)}
 
 
 def compare_torch_onnx(fn, onnx_path: str, feeds: list[dict[str, np.ndarray]], input_names: list[str],
-                       output_name: str, atol: float, rtol: float, device: str = "cpu") -> FidelityResult:
-    """Run both on the same real inputs; pass iff every element meets |a-b| <= atol + rtol*|b|."""
+                       output_name: str | list[str], atol: float, rtol: float, device: str = "cpu",
+                       error_stat: str = "elemwise") -> FidelityResult:
+    """Run both on the same real inputs; pass iff every element of every compared output meets
+    |a-b| <= atol + rtol*|b|. `output_name` may list several outputs (a decoder's logits and every
+    present key/value); `fn` then returns a dict of them. `error_stat="mean"` checks the mean
+    |a-b| against atol instead (quantized artifacts: a few int8-rounded outliers are expected)."""
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our report states the statistics; polygraphy's dump is noise
-    torch_runner = TorchRunner(fn, input_names, output_name, device, name="torch")
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
+    torch_runner = TorchRunner(fn, input_names, names[0], device, name="torch")
     ort_runner = OnnxrtRunner(SessionFromOnnx(onnx_path, providers=providers()), name="onnxruntime")
     results = Comparator.run([torch_runner, ort_runner], data_loader=feeds)
-    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat=error_stat))
     groups = [acc] if hasattr(acc, "values") else list(acc)  # newer polygraphy: a sequence of AccuracyResult
-    stats = [it[output_name] for g in groups for iters in g.values() for it in iters]
+    stats = [it[n] for g in groups for iters in g.values() for it in iters for n in names]
     return FidelityResult(
         passed=all(bool(g) for g in groups),
         atol=atol,
@@ -85,4 +100,44 @@ def compare_torch_onnx(fn, onnx_path: str, feeds: list[dict[str, np.ndarray]], i
         mean_abs=float(np.mean([s.mean_absdiff for s in stats])),
         iterations=len(feeds),
         runners=("torch", "onnxruntime"),
+        error_stat=error_stat,
     )
+
+
+@dataclass
+class CheckPlan:
+    """What the export check runs: the torch reference, its inputs and the compared outputs."""
+
+    fn: Callable[[dict[str, torch.Tensor]], Any]
+    feeds: list[dict[str, np.ndarray]]
+    input_names: list[str]
+    output_names: list[str]
+
+
+def text_feeds(loaded: LoadedModel) -> list[dict[str, np.ndarray]]:
+    """Real tokenized held-out text at two shapes (dynamic axes exercised)."""
+    from ..models import text as textmod
+
+    sents = textmod.sentences(textmod.evaluation_articles())
+    feeds = []
+    for i, (n, max_len) in enumerate(((2, 32), (4, 64))):
+        enc = loaded.encode(sents[i * 8:i * 8 + n], max_len)
+        feeds.append({k: v.numpy() for k, v in enc.items()})
+    return feeds
+
+
+def check_plan(loaded: LoadedModel, model: torch.nn.Module, decode_steps: int = 3) -> CheckPlan:
+    """Encoders: the output on real text at two shapes. Decoders (KV-cache graph): a prefill with
+    past length 0 and `decode_steps` cached steps per prompt batch, comparing logits and every
+    present key/value (export/kv_cache.py)."""
+    if loaded.kind != "decoder":
+        return CheckPlan(lambda x: loaded.output(model, x), text_feeds(loaded), list(loaded.input_names),
+                         [loaded.output_name])
+    spec = kv_cache.CacheSpec.from_config(model.config)
+    stream = loaded.token_ids(evaluation_articles()[:2])
+    prompts = [loaded.batch_from_ids(sample_windows(stream, b, s, seed=1234))["input_ids"].numpy()
+               for b, s in ((2, 32), (4, 64))]
+    feeds = kv_cache.check_feeds(spec, model, prompts, steps=decode_steps)
+    np_fn = lambda x: kv_cache.torch_step(model, spec, {k: v.cpu().numpy() for k, v in x.items()})  # noqa: E731
+    return CheckPlan(np_fn, feeds, spec.input_names, spec.output_names)
+

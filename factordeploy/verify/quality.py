@@ -90,9 +90,9 @@ def encoder_quality(loaded: LoadedModel, model: nn.Module, ref: EncoderReference
 
 def perplexity(loaded: LoadedModel, model: nn.Module, cfg: EvalConfig, device: str = "cpu",
                texts: list[str] | None = None) -> float:
-    """exp(mean next-token NLL) over `ppl_windows` consecutive windows of `ppl_len` tokens
-    (of `texts`, default the wiki evaluation split)."""
-    stream = loaded.token_ids(textmod.evaluation_articles() if texts is None else texts)
+    """exp(mean next-token NLL) over `ppl_windows` consecutive windows of `ppl_len` tokens of
+    `texts` (default: the evaluation split; see models.text.domain_texts for other domains)."""
+    stream = loaded.token_ids(texts if texts is not None else textmod.evaluation_articles())
     need = cfg.ppl_windows * cfg.ppl_len
     if len(stream) < need:
         raise ValueError(f"evaluation text has {len(stream)} tokens, need {need}")

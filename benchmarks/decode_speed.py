@@ -1,0 +1,198 @@
+"""Decode speed with the KV cache on ONNX Runtime CPU: original vs each method x ratio (x int8).
+
+For every cell: compress a copy of the model (calibration shared between cells), export it with
+the with-past signature, run the ORT pass pipeline (optionally --quantize int8), then with
+`deploy generate`'s loop (serve/generate.py) measure at batch 1:
+
+* prefill latency of a --prompt-len prompt (median of --prefill-runs),
+* tokens/s for --new-tokens greedy tokens (prefill included, as Optimum's figure is stated) and
+  the cached-step rate alone,
+* greedy token identity against the torch compressed model's `generate` on 5 prompts
+  (--check-tokens new tokens each),
+
+next to the artifact's bytes. Decode is memory-bound, so `bytes ratio` (original file / cell file)
+is the speedup to expect; `speedup` is the measured one. Resumable: finished cells are kept in the
+JSON and skipped. The full grid is one command:
+
+    flock /work/locks/heavy.lock env OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/decode_speed.py \\
+        --model smollm2 --methods original,svd,svd-whiten,fwsvd,welore,cospadi,sparse24,dsformer \\
+        --ratios 0.2,0.35,0.5 --quantize none,int8
+
+(`sparse24` has a fixed 2:4 pattern: it runs once, whatever --ratios says.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CHECK_PROMPTS = ["The history of the city begins", "In 1990, the company announced",
+                 "The main difference between a virus and a bacterium is", "def fibonacci(n):",
+                 "She opened the door and saw"]
+
+
+def cell_key(method: str, ratio: float | None, quant: str) -> str:
+    return f"{method}|{ratio if ratio is not None else '-'}|{quant}"
+
+
+def build_cell(session, method: str, ratio: float | None, quant: str, work: Path):
+    """Compressed (or original) model -> with-past ONNX for ORT (-> int8). Returns (torch model, path, info)."""
+    import onnx
+
+    from factordeploy.engines.quantize import quantize_int8
+    from factordeploy.export import export_onnx
+    from factordeploy.passes.pipeline import PassContext, run_pipeline
+    from factordeploy.passes.presets import ort_pipeline
+    from factordeploy.pipeline import compress_copy
+
+    info: dict = {}
+    if method == "original":
+        model, layers = session.loaded.model, {}
+    else:
+        model, result, dt = compress_copy(session, method, ratio)
+        layers = {r.name: r.after for r in result.layers if r.after.get("kind") != "dense"}
+        info |= {"compress_s": round(dt, 1), "targeted_reduction": round(1 - result.bytes_after / result.bytes_before, 4)}
+    t0 = time.perf_counter()
+    raw = work / "raw.onnx"
+    export_onnx(session.loaded, model, raw)
+    path = work / "model.onnx"
+    proto = run_pipeline(onnx.load(str(raw)), ort_pipeline(), PassContext(layers=layers, target="ort"))
+    onnx.save_model(proto, str(path))
+    raw.unlink()
+    info["export_s"] = round(time.perf_counter() - t0, 1)
+    if quant == "int8":
+        q = quantize_int8(path, work / "model.int8.onnx")
+        path.unlink()
+        path = Path(q.path)
+        info["int8_matmuls"] = f"{q.matmuls_quantized}/{q.matmuls_total}"
+    return model, path, info
+
+
+def measure(session, model, path: Path, args) -> dict:
+    import torch
+
+    from factordeploy.models.text import evaluation_articles
+    from factordeploy.serve.generate import SamplingConfig, generate_ids
+    from factordeploy.serve.runners import OrtStepRunner
+
+    loaded = session.loaded
+    runner = OrtStepRunner(path, threads=args.threads)
+    prompt = loaded.token_ids(evaluation_articles()[:1])[: args.prompt_len]
+    generate_ids(runner, prompt, SamplingConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
+    prefill = [generate_ids(runner, prompt, SamplingConfig(max_new_tokens=1, ignore_eos=True)).prefill_s
+               for _ in range(args.prefill_runs)]
+    runs = [generate_ids(runner, prompt, SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True))
+            for _ in range(args.repeats)]
+    best = max(runs, key=lambda g: g.tokens_per_s)
+    row = {"file_bytes": path.stat().st_size, "prefill_ms": round(statistics.median(prefill) * 1e3, 2),
+           "tokens_per_s": round(best.tokens_per_s, 2), "decode_tokens_per_s": round(best.decode_tokens_per_s, 2),
+           "step_ms_median": round(statistics.median(best.step_s) * 1e3, 2)}
+    if args.check_tokens:
+        same = 0
+        tok = loaded.tokenizer
+        for p in CHECK_PROMPTS:
+            ids = tok(p, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=args.check_tokens, do_sample=False, eos_token_id=None,
+                                     pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+            got = generate_ids(runner, ids, SamplingConfig(max_new_tokens=args.check_tokens, ignore_eos=True)).new_ids
+            same += int(got == ref)
+            row.setdefault("check_first_mismatch", []).append(
+                next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None))
+        row["greedy_identical"] = f"{same}/{len(CHECK_PROMPTS)}"
+    return row
+
+
+def render(rows: list[dict], threads: int) -> str:
+    orig = {r["quantize"]: r for r in rows if r["method"] == "original"}
+    base = orig.get("none")
+    lines = [f"ONNX Runtime CPU, batch 1, {threads} thread(s); tokens/s over prompt + all new tokens; "
+             "speedup and bytes ratio vs the original fp32 model.onnx", "",
+             "| method | ratio | weights | MB | bytes ratio | prefill ms | tokens/s | cached steps tok/s | speedup | greedy = torch |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        br = base["file_bytes"] / r["file_bytes"] if base else float("nan")
+        sp = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        lines.append(f"| {r['method']} | {r['ratio'] if r['ratio'] is not None else '-'} | {'int8' if r['quantize'] == 'int8' else 'fp32'} | "
+                     f"{r['file_bytes'] / 1e6:.1f} | {br:.2f}x | {r['prefill_ms']:.0f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {sp:.2f}x | {r.get('greedy_identical', '-')} |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--methods", default="original,svd,svd-whiten,fwsvd,welore,cospadi,sparse24,dsformer", show_default=True)
+@click.option("--ratios", default="0.2,0.35,0.5", show_default=True)
+@click.option("--quantize", "quants", default="none", show_default=True, help="none,int8")
+@click.option("--prompt-len", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--prefill-runs", type=int, default=5, show_default=True)
+@click.option("--check-tokens", type=int, default=16, show_default=True, help="greedy identity check length (0 = off)")
+@click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads (original measured alike)")
+@click.option("--calib", type=int, default=128, show_default=True)
+@click.option("--max-cells", type=int, default=0, help="stop after this many new cells (fit a time slot; rerun resumes)")
+@click.option("--out", default=None, help="JSON path [default: benchmarks/results/decode_speed-<model>.json]")
+def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefill_runs, check_tokens, threads, calib,
+         max_cells, out):
+    from factordeploy.compress.calibration import Calibration, CalibrationConfig
+    from factordeploy.compress.targets import find_targets
+    from factordeploy.models import load_model
+    from factordeploy.pipeline import Session
+    from factordeploy.progress import log
+
+    out_path = Path(out or f"benchmarks/results/decode_speed-{model}.json")
+    doc = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
+    done = {cell_key(r["method"], r["ratio"], r["quantize"]) for r in doc["rows"]}
+    args = click.get_current_context().params | {"threads": threads}
+    args = type("Args", (), args)
+    cells = []
+    for q in quants.split(","):
+        for m in methods.split(","):
+            for r in ([None] if m in ("original", "sparse24") else [float(x) for x in ratios.split(",")]):
+                if cell_key(m, r, q) not in done:
+                    cells.append((m, r, q))
+    if max_cells:
+        cells = cells[:max_cells]
+    loaded = load_model(model)
+    session = Session(loaded, None, Calibration(loaded, CalibrationConfig(n=calib, length=128, seed=0)),
+                      find_targets(loaded.model))
+    work = Path("build/decode_speed") / model
+    for m, r, q in cells:
+        log(f"cell {m} {r} {q}")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        t0 = time.perf_counter()
+        torch_model, path, info = build_cell(session, m, 0.5 if r is None and m != "original" else r, q, work)
+        row = {"method": m, "ratio": r, "quantize": q, **measure(session, torch_model, path, args), **info,
+               "cell_s": round(time.perf_counter() - t0, 1)}
+        doc["rows"] = [x for x in doc["rows"] if cell_key(x["method"], x["ratio"], x["quantize"]) != cell_key(m, r, q)]
+        doc["rows"].append(row)
+        doc["setup"] = {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": threads,
+                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "repeats": repeats, "batch": 1}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, out_path)
+        log(f"cell {m} {r} {q}: {row['tokens_per_s']} tokens/s, {row['file_bytes'] / 1e6:.1f} MB")
+        del torch_model
+    shutil.rmtree(work, ignore_errors=True)
+    order = {m: i for i, m in enumerate(methods.split(","))}
+    rows = sorted(doc["rows"], key=lambda x: (x["quantize"] != "none", order.get(x["method"], 99), x["ratio"] or 0))
+    table = render(rows, threads)
+    print(table)
+    out_path.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
