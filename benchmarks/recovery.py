@@ -61,11 +61,17 @@ def _key(r: dict) -> tuple:
 @click.option("--eval-windows", type=int, default=8, help="held-out selection windows (keep-best evaluation)")
 @click.option("--eval-every", type=int, default=5)
 @click.option("--out", default=None)
+@click.option("--render", "render_only", is_flag=True, help="only print the table and redraw the plot of --out")
 @click.option("--quiet", is_flag=True)
 def main(model, ratios, methods, adapters, steps, batch, samples, seq_len, rank, lr, data_spec, calib, ppl_windows,
-         sentences, eval_windows, eval_every, out, quiet) -> None:
+         sentences, eval_windows, eval_every, out, render_only, quiet) -> None:
     set_quiet(quiet)
     out = Path(out or f"benchmarks/results/recovery-{model}.json")
+    if render_only:
+        data = json.loads(out.read_text())
+        print(render(data))
+        plot(data, out.with_suffix(".png"))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(out.read_text()) if out.exists() else {"model": model, "rows": [], "before": []}
     done = {_key(r) for r in data["rows"]}
@@ -138,7 +144,8 @@ def render(data: dict) -> str:
              "|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
     for b in data.get("before", []):
         q = b["quality"]
-        lines.append(f"| {b['variant']} | {b['ratio']} | (before recovery) | 0 | - | {q['wiki']:g} | {q['news']:g} | {q['pydoc']:g} | | |")
+        ratio_cell = f"{b['ratio']} (-{b['reduction'] * 100:.1f}% bytes)"
+        lines.append(f"| {b['variant']} | {ratio_cell} | (before recovery) | 0 | - | {q['wiki']:g} | {q['news']:g} | {q['pydoc']:g} | | |")
         for r in data["rows"]:
             if (r["variant"], r["ratio"]) != (b["variant"], b["ratio"]):
                 continue
@@ -147,7 +154,7 @@ def render(data: dict) -> str:
             for d in ("wiki", "news", "pydoc"):
                 rel = f" ({q[d] / orig[d]:.2f}x)" if dec and d in orig else ""
                 cells.append(f"{q[d]:g}{rel}")
-            lines.append(f"| {r['variant']} | {r['ratio']} | {r['adapter']} | {r['steps']} | {r['data']} | "
+            lines.append(f"| {r['variant']} | {ratio_cell} | {r['adapter']} | {r['steps']} | {r['data']} | "
                          + " | ".join(cells) + f" | {r['seconds']:.0f} | {r['peak_memory_mb']} |")
     return "\n".join(lines)
 
