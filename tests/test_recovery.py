@@ -155,6 +155,7 @@ def test_recovery_stage_on_a_compressed_tiny_llama(tiny_llama_dir, adapter, tmp_
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "embed" in n or "norm" in n}
     rep = recover(loaded, model, teacher, cfg)
     assert rep.bytes_unchanged
+    assert rep.adapter["trainable_params"] > 0 and rep.adapter["factors_by_layer_kind"] == {"lowrank": 28}
     t = rep.train
     assert len(t["losses"]) == 6 and [s for s, _ in t["eval_curve"]] == [0, 2, 4, 6]
     assert t["best_eval"] <= t["eval_curve"][0][1]

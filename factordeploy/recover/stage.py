@@ -157,6 +157,7 @@ def recover(loaded: LoadedModel, model: nn.Module, teacher: Teacher, cfg: Recove
     t0 = time.perf_counter()
     before = {n: (type(m).__name__, layer_bytes(m)) for n, m in model.named_modules() if _is_linear(m)}
     aset = attach(model, AdapterConfig(cfg.adapter, cfg.rank, cfg.include_dense, cfg.seed))
+    described = aset.describe()  # before the merge folds the adapters away
     lr = cfg.learning_rate(loaded.kind)
     every = cfg.eval_every or max(1, cfg.steps // 10)
     tcfg = TrainConfig(steps=cfg.steps, lr=lr, warmup=cfg.warmup, accumulate=cfg.accumulate, seed=cfg.seed,
@@ -194,7 +195,7 @@ def recover(loaded: LoadedModel, model: nn.Module, teacher: Teacher, cfg: Recove
     log(f"recovery: {cfg.adapter} {res.steps} steps, loss {s.get('loss_first', float('nan')):.4g} -> "
         f"{s.get('loss_last', float('nan')):.4g}, held-out {res.eval_curve[0][1]:.4g} -> {res.best_eval:.4g} "
         f"(best step {res.best_step})" if res.eval_curve else "recovery: nothing to train")
-    return RecoveryReport(asdict(cfg) | {"lr": lr, "eval_every": every}, aset.describe(), teacher.data.source, s,
+    return RecoveryReport(asdict(cfg) | {"lr": lr, "eval_every": every}, described, teacher.data.source, s,
                           round(time.perf_counter() - t0, 3), teacher.seconds, before == after)
 
 
