@@ -23,6 +23,7 @@ from .engines.trt_module import BACKENDS, FULL, RTX, require
 from .errors import UserError
 from .passes.custom_ops import check_policies
 from .passes.precision import PRECISIONS
+from .recover.stage import RecoveryConfig, check_recovery_config
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class BuildConfig:
     calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
+    # Recovery stage (recover/): distillation after compression, before export; steps 0 = off
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
     @property
     def engine(self) -> EngineConfig:
@@ -78,6 +81,7 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
     get_method(cfg.method)
+    check_recovery_config(cfg.recovery)
     check_policies(cfg.ort_lowering)
     check_mode(cfg.quantize)
     check_engine_config(cfg)

@@ -40,6 +40,7 @@ from .models.registry import LoadedModel, load_model
 from .passes.pipeline import PassContext, run_pipeline
 from .passes.presets import ort_pipeline, trt_pipeline
 from .progress import log, stage
+from .recover.stage import Teacher, capture_teacher, recover
 from .serve.hf_files import write_hf_files
 from .serve.ort_optimized import decide_ort_optimized
 from .report import EngineReport, FidelityReport, LatencyReport, Report, SizeReport
@@ -66,6 +67,7 @@ class BuildState:
     plan: CheckPlan | None = None  # what the export check runs (decoders: prefill + cached decode steps)
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
+    teacher: Teacher | None = None  # recovery: the original's outputs on the training windows
 
     @property
     def model(self) -> nn.Module:
@@ -156,11 +158,34 @@ def compress(s: BuildState) -> None:
     s.report.layers = [asdict(x) for x in r.layers]
 
 
+def teacher(s: BuildState) -> None:
+    """--recover-steps: the recovery data and the ORIGINAL model's outputs on it, before compression."""
+    if s.cfg.recovery.steps > 0:
+        with stage("recovery data + teacher outputs (original model)", s.timings):
+            s.teacher = capture_teacher(s.loaded, s.model, s.cfg.recovery, s.cfg.device)
+
+
+def recovery(s: BuildState) -> None:
+    """--recover-steps: distil the compressed model toward the original; adapters merged into the factors."""
+    if s.teacher is None:
+        return
+    cfg = s.cfg
+    if cfg.evaluate:
+        with stage("evaluate compressed (before recovery)", s.timings):
+            s.report.quality["compressed_before_recovery"] = s.probe.score(s.model)
+    sig = {"method": cfg.method, "ratio": cfg.ratio, "options": cfg.options, "seed": cfg.seed,
+           "calib": asdict(cfg.calib), "targets": s.targets}
+    with stage(f"recovery training ({cfg.recovery.adapter}, {cfg.recovery.steps} steps)", s.timings):
+        s.report.recovery = recover(s.loaded, s.model, s.teacher, cfg.recovery, cfg.device, signature=sig).as_dict()
+    s.teacher = None
+    s.model.eval()
+
+
 def evaluate(s: BuildState) -> None:
     """Quality of the compressed model on held-out text, against the original's reference."""
     if s.cfg.evaluate:
         with stage("evaluate compressed", s.timings):
-            s.report.quality = {"original": s.probe.reference, "compressed": s.probe.score(s.model)}
+            s.report.quality = {**s.report.quality, "original": s.probe.reference, "compressed": s.probe.score(s.model)}
 
 
 def export(s: BuildState) -> None:

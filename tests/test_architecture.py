@@ -17,7 +17,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("__init__", "errors", "progress"),  # leaves: no factordeploy imports
     ("ops",),                            # custom ops: spec, body, emit, one package per op
     ("models",),
+    ("train",),                          # the one training loop (generic: loss and data plugged in)
     ("compress",),
+    ("recover",),                        # recovery stage: distillation + adapters merged into factors
     ("export",),
     ("passes",),
     ("plugins",),
