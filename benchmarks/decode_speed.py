@@ -167,7 +167,7 @@ def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefil
     loaded = load_model(model)
     session = Session(loaded, None, Calibration(loaded, CalibrationConfig(n=calib, length=128, seed=0)),
                       find_targets(loaded.model))
-    work = Path("build/decode_speed") / model
+    work = Path("build/decode_speed") / Path(model).name  # never the model folder itself (absolute paths)
     for m, r, q in cells:
         log(f"cell {m} {r} {q}")
         shutil.rmtree(work, ignore_errors=True)

@@ -106,7 +106,7 @@ def main(model, method, n_sent, ppl_windows, ppl_len, calib, out):
     session = Session(loaded, None, Calibration(loaded, CalibrationConfig(n=calib, length=128, seed=0)),
                       find_targets(loaded.model))
     refs = domain_scores(loaded, loaded.model, {}, args) if loaded.kind == "encoder" else {}
-    work = Path("build/int8_quality") / model
+    work = Path("build/int8_quality") / Path(model).name  # never the model folder itself (absolute paths)
     for ratio, quant in VARIANTS:
         if (ratio, quant) in done:
             continue
