@@ -184,7 +184,7 @@ def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefil
         t0 = time.perf_counter()
         torch_model, path, info = build_cell(session, m, 0.5 if r is None and m != "original" else r, q, work)
         row = {"method": m, "ratio": r, "quantize": q, **measure(session, torch_model, path, args), **info,
-               "cell_s": round(time.perf_counter() - t0, 1)}
+               "cell_s": round(time.perf_counter() - t0, 1), "loadavg_1m": round(os.getloadavg()[0], 2)}
         doc["rows"] = [x for x in doc["rows"] if cell_key(x["method"], x["ratio"], x["quantize"]) != cell_key(m, r, q)]
         doc["rows"].append(row)
         doc["setup"] = {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": threads,
