@@ -43,6 +43,11 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("dsformer stf200", "dsformer", {"stf_steps": 200}),
     ("cospadi", "cospadi", {}),
     ("cospadi shared", "cospadi", {"share": "group"}),
+    # sparse + low-rank (issue 14): SLTrain's random support (the paper's) vs the residual's largest
+    # entries, and LOST's channel block; all within the same bytes, indices counted
+    ("sltrain random", "sltrain", {"support": "random"}),
+    ("sltrain largest", "sltrain", {"support": "largest"}),
+    ("lost", "lost", {}),
 ]
 
 RESULTS = Path(__file__).parent / "results"

@@ -35,15 +35,15 @@ def main() -> None:
                           out=os.path.join(args.out, f"{name}-{args.method}"), latency_points=POINTS,
                           latency_runs=args.runs)
         rep = run_build(cfg).report
-        q = rep["quality"]["compressed"]
-        qual = (f"ppl {rep['quality']['original']['perplexity']:.2f} -> {q['perplexity']:.2f}" if "perplexity" in q
+        q = rep.quality["compressed"]
+        qual = (f"ppl {rep.quality['original']['perplexity']:.2f} -> {q['perplexity']:.2f}" if "perplexity" in q
                 else f"cos {q['embedding_cosine_mean']:.3f}, polarity {q['polarity_accuracy_original']:.3f} -> {q['polarity_accuracy']:.3f}")
-        for p in rep["latency"]["points"]:
+        for p in rep.latency.points:
             rows.append({"model": name, "method": args.method, "ratio": cfg.ratio, "batch": p["batch"], "seq": p["seq"],
                          "dense_ms": p["original"]["median_ms"], "compressed_ms": p["compressed"]["median_ms"],
-                         "speedup": p["speedup"], "dense_mb": rep["sizes_on_disk"]["baseline"] / 1e6,
-                         "compressed_mb": rep["sizes_on_disk"]["model"] / 1e6, "quality": qual,
-                         "export_check": rep["fidelity"]["passed"]})
+                         "speedup": p["speedup"], "dense_mb": rep.sizes_on_disk["baseline"] / 1e6,
+                         "compressed_mb": rep.sizes_on_disk["model"] / 1e6, "quality": qual,
+                         "export_check": rep.fidelity.passed})
     print("| model | method | ratio | batch x seq | dense ms | compressed ms | speedup | dense MB | compressed MB | quality | export check |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---|---|")
     for r in rows:

@@ -10,12 +10,14 @@ import click
 from .build import BuildConfig, run_build
 from .compress.base import MethodOption, all_methods, all_options, method_options
 from .compress.calibration import CalibrationConfig
+from .engines.quantize import MODES as QUANTIZE_MODES
 from .engines.trt_module import BACKENDS
 from .errors import UserError
 from .models.registry import REGISTRY
 from .ops import all_ops
 from .passes.precision import PRECISIONS
 from .progress import set_quiet
+from .serve.generate import SamplingConfig, open_folder
 
 
 class _Group(click.Group):
@@ -86,7 +88,7 @@ def _op_lowering_options(f):
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="compute precision of the TensorRT graph (model.onnx stays fp32)")
 @click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+@click.option("--quantize", type=click.Choice(list(QUANTIZE_MODES)), default="none", show_default=True,
               help="int8: ONNX Runtime dynamic int8 of model.onnx (every constant-weight MatMul, factors included); "
                    "export check and quality run on the int8 file")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
@@ -110,20 +112,21 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       quantize=quantize)
     res = run_build(cfg)
     r = res.report
-    click.echo(f"built {res.out}/model.onnx: targeted bytes -{r['size']['targeted_reduction'] * 100:.1f}%, "
-               f"export check {'passed' if r['fidelity']['passed'] else 'FAILED'} (max abs {r['fidelity']['max_abs']:.2g})")
-    q = r.get("quantize")
+    click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "
+               f"export check {'passed' if r.fidelity.passed else 'FAILED'} (max abs {r.fidelity.max_abs:.2g})")
+    q = r.quantize
     if q:
         click.echo(f"int8 artifact: {q['bytes_before'] / 1e6:.1f} -> {q['bytes_after'] / 1e6:.1f} MB "
                    f"({q['matmuls_quantized']}/{q['matmuls_total']} MatMuls int8), check "
                    f"{'passed' if q['fidelity']['passed'] else 'FAILED'} (mean abs {q['fidelity']['mean_abs']:.2g} <= {q['fidelity']['atol']})")
-    e = r.get("engine") or {}
-    if e.get("engine_path"):
-        click.echo(f"engine ({e['backend']}, {e['precision']}): {res.out}/{e['engine_path']} {e['engine_bytes'] / 1e6:.2f} MB, "
-                   f"{e['layers']} layers, built in {e['build_seconds']:.1f} s; executed: {'yes' if e['executed'] else 'no'} ({e['reason']})")
-    elif e:
-        click.echo(f"backend: {e['backend']} ({e['reason']})")
-    if not r["fidelity"]["passed"] or (q and not q["fidelity"]["passed"]):
+    e = r.engine
+    if e is not None and e.result is not None:
+        x = e.result
+        click.echo(f"engine ({e.backend}, {e.precision}): {res.out}/{x.engine_path} {x.engine_bytes / 1e6:.2f} MB, "
+                   f"{x.layers} layers, built in {x.build_seconds:.1f} s; executed: {'yes' if x.executed else 'no'} ({x.reason})")
+    elif e is not None:
+        click.echo(f"backend: {e.backend} ({e.reason})")
+    if not r.fidelity.passed or (q and not q["fidelity"]["passed"]):
         sys.exit(1)
 
 
@@ -143,7 +146,6 @@ def generate(folder, prompts, max_new_tokens, sample, temperature, top_p, seed, 
     """Generate text from a built decoder FOLDER with ONNX Runtime and its KV cache."""
     import json
 
-    from .serve.generate import SamplingConfig, open_folder
 
     served = open_folder(folder, model_file=model_file, threads=threads)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,

@@ -1,23 +1,27 @@
-"""Library form of the build's first half: load -> reference quality -> compress a copy -> score.
+"""The build's first stages as a library, for benchmarks: one original model, many compressed variants.
 
-`deploy build` (build.py) does the same steps plus export/passes/engines; benchmarks use
-this to compare many methods on one loaded model without exporting, reusing one
-Calibration (grams, Fisher, reference embeddings of the ORIGINAL model) across variants.
+Runs the same stage functions as `deploy build` (stages.py: load -> reference -> compress ->
+evaluate), so the benchmarks and the build cannot drift apart. A `Session` holds the loaded
+original, its quality reference and one Calibration (grams, Fisher, reference activations of the
+ORIGINAL model) that every variant reuses; each variant compresses a deep copy.
 """
 
 from __future__ import annotations
 
-import copy
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .compress.base import CompressContext, CompressResult, get_method, method_options  # noqa: F401 (re-export)
+from . import stages as st
+from .compress.base import CompressResult, get_method, method_options  # noqa: F401 (re-export)
 from .compress.calibration import Calibration, CalibrationConfig
-from .compress.targets import DEFAULT_EXCLUDE, find_targets
-from .models.registry import LoadedModel, load_model
+from .compress.targets import DEFAULT_EXCLUDE
+from .config import BuildConfig
+from .models.registry import LoadedModel
 from .verify.quality import EvalConfig, QualityProbe
 
 
@@ -25,28 +29,38 @@ from .verify.quality import EvalConfig, QualityProbe
 class Session:
     """One original model, its quality reference and its calibration statistics."""
 
-    loaded: LoadedModel
-    probe: QualityProbe
-    calibration: Calibration
-    targets: list[str]
-    device: str = "cpu"
-    seed: int = 0
+    state: st.BuildState
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.state.loaded
+
+    @property
+    def probe(self) -> QualityProbe:
+        return self.state.probe
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.state.calibration
+
+    @property
+    def targets(self) -> list[str]:
+        return self.state.targets
 
 
 def open_session(model: str, calib: CalibrationConfig, device: str = "cpu", seed: int = 0,
                  eval_cfg: EvalConfig | None = None, include: tuple[str, ...] = ("*",),
                  exclude: tuple[str, ...] = DEFAULT_EXCLUDE) -> Session:
+    cfg = BuildConfig(model=model, device=device, seed=seed, calib=calib, include=include, exclude=exclude)
+    state = st.BuildState(cfg, Path(tempfile.gettempdir()), eval_cfg=eval_cfg)
     t0 = time.perf_counter()
-    loaded = load_model(model)
-    loaded.model.to(device)
-    targets = find_targets(loaded.model, include, exclude)
+    st.load(state)
     t1 = time.perf_counter()
-    probe = QualityProbe(loaded, eval_cfg, device=device)
-    probe.capture_original(loaded.model)
+    st.reference(state)
     t2 = time.perf_counter()
-    return Session(loaded, probe, Calibration(loaded, calib, device), targets, device, seed,
-                   {"load": round(t1 - t0, 2), "reference": round(t2 - t1, 2)})
+    state.calibration = Calibration(state.loaded, calib, device)  # shared by every variant that uses it
+    return Session(state, {"load": round(t1 - t0, 2), "reference": round(t2 - t1, 2)})
 
 
 @dataclass
@@ -66,17 +80,12 @@ class VariantResult:
 
 def compress_copy(session: Session, method: str, ratio: float, options: dict[str, Any] | None = None
                   ) -> tuple[torch.nn.Module, CompressResult, float]:
-    """Compress a deep copy of the session's original model (the original is never touched)."""
-    m = get_method(method)
-    opts = method_options(method, options)
-    model = copy.deepcopy(session.loaded.model)
-    ctx = CompressContext(ratio=ratio, device=session.device, seed=session.seed, options=opts,
-                          calibration=session.calibration if m.uses_calibration(opts) else None)
-    torch.manual_seed(session.seed)
+    """The compress stage on a deep copy of the session's original model (the original is never touched)."""
+    v = session.state.variant(method, ratio, method_options(method, options))
+    torch.manual_seed(session.state.cfg.seed)
     t0 = time.perf_counter()
-    result = m.compress(model, list(session.targets), ctx)
-    model.eval()
-    return model, result, time.perf_counter() - t0
+    st.compress(v)
+    return v.model, v.result, time.perf_counter() - t0
 
 
 def compress_and_score(session: Session, method: str, ratio: float, options: dict[str, Any] | None = None

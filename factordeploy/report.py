@@ -1,9 +1,123 @@
-"""report.json (everything, machine-readable) and report.md (the headline figures for a person)."""
+"""The build's typed `Report`, written as report.json (everything) and report.md (headline figures).
+
+report.json keeps the keys of version 1 and adds `report_version` (2): fidelity, the TensorRT graph
+check and the engine comparison are one `verify.compare.Comparison` each (adding reference_max_abs,
+nan and runners), the custom-op lowering is the generic `lower-custom-ops` pass entry, and layer
+entries carry their graph facts (`custom_op`, `weight_2to4`). `render_markdown` reads the JSON form,
+so a saved report.json can be re-rendered.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .engines.tensorrt import EngineResult
+from .verify.compare import Comparison
+
+REPORT_VERSION = 2
+
+
+@dataclass
+class SizeReport:
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    targeted_layers: int
+    factorized_layers: int
+    targeted_bytes_before: int
+    targeted_bytes_after: int
+    targeted_reduction: float
+
+
+@dataclass
+class FidelityReport(Comparison):
+    """The export check (torch vs model.onnx) and the input shapes it ran on."""
+
+    feeds: list[dict[str, list[int]]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return super().as_dict() | {"feeds": self.feeds}
+
+
+@dataclass
+class LatencyReport:
+    engine: str
+    providers: list[str]
+    points: list[dict[str, Any]]
+
+
+@dataclass
+class EngineReport:
+    """The TensorRT stage: which backend and why; for TensorRT the graph passes, the engine build
+    (`EngineResult`, artifact paths as file names) and, where the engine could not run, the fp16
+    TensorRT graph checked on ONNX Runtime. JSON: the version-1 flat layout (result fields inlined)."""
+
+    requested: str
+    backend: str
+    reason: str
+    precision: str
+    note: str | None = None
+    tensorrt: dict[str, Any] | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    result: EngineResult | None = None
+    trt_graph_on_ort: Comparison | None = None
+
+    @property
+    def executed(self) -> bool:
+        return self.result is not None and self.result.executed
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"requested": self.requested, "backend": self.backend, "reason": self.reason,
+                             "precision": self.precision}
+        if self.result is None:
+            d["executed"] = False
+            if self.note:
+                d["note"] = self.note
+            return d
+        d |= {"tensorrt": self.tensorrt, "passes": self.passes}
+        if self.trt_graph_on_ort is not None:
+            d["trt_graph_on_ort"] = self.trt_graph_on_ort.as_dict()
+        return d | self.result.as_dict()
+
+
+@dataclass
+class Report:
+    """Everything a build measured; build stages fill it in, `to_dict` is report.json."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    size: SizeReport | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    export: dict[str, Any] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    fidelity: FidelityReport | None = None
+    quantize: dict[str, Any] | None = None  # --quantize int8: the int8 artifact, its check (absent otherwise)
+    quality: dict[str, Any] = field(default_factory=dict)
+    latency: LatencyReport | None = None
+    engine: EngineReport | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    sizes_on_disk: dict[str, int] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    baseline_export_cached: bool = False
+    versions: dict[str, str] = field(default_factory=dict)
+    factordeploy_version: str = __version__
+    report_version: int = REPORT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"report_version": self.report_version, "factordeploy_version": self.factordeploy_version}
+        for f in fields(self):
+            if f.name in out or (f.name == "quantize" and self.quantize is None):
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = (v.as_dict() if isinstance(v, (Comparison, EngineReport))
+                           else asdict(v) if hasattr(v, "__dataclass_fields__") else v)
+        return out
 
 
 def _mb(n: int) -> str:
@@ -143,7 +257,7 @@ def render_engine(e: dict | None) -> list[str]:
     ]
     g = e.get("trt_graph_on_ort")
     if g:
-        lines.append(f"fp16 TensorRT graph run by ONNX Runtime vs model.onnx ({g['inputs']} real-text inputs; checks the "
+        lines.append(f"fp16 TensorRT graph run by ONNX Runtime vs model.onnx ({g['iterations']} real-text inputs; checks the "
                      f"precision pass, not TensorRT): max abs {g['max_abs']:.3g}, mean abs {g['mean_abs']:.3g} "
                      f"(outputs up to {g['reference_max_abs']:.3g}).")
     c = e.get("comparison")
@@ -153,6 +267,7 @@ def render_engine(e: dict | None) -> list[str]:
     return lines
 
 
-def write_report(report: dict, folder: Path) -> None:
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (folder / "report.md").write_text(render_markdown(report))
+def write_report(report: Report, folder: Path) -> None:
+    data = report.to_dict()
+    (folder / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    (folder / "report.md").write_text(render_markdown(data))

@@ -24,8 +24,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("engines",),
     ("serve",),                          # generation runtime over engines (step runners)
     ("verify",),
-    ("report", "pipeline"),
-    ("build",),
+    ("report", "config"),                # typed report; BuildConfig + input checks
+    ("stages",),                         # the build's stage functions over BuildState
+    ("build", "pipeline"),               # the stage list for `deploy build`; the benchmarks' use of it
     ("cli",),
 ]
 RANK = {name: i for i, row in enumerate(LAYERS) for name in row}

@@ -60,4 +60,8 @@ def test_export_check_and_quality(minilm_build):
     assert named["layers_named"] == 36 and named["layers_missing"] == 0
     assert len(factorized_nodes(onnx.load(str(out / "model.onnx")))) == 36
     assert {p["batch"] for p in rep["latency"]["points"]} == {1, 8}
-    assert all(p["compressed"]["median_ms"] > 0 and p["original"]["median_ms"] > 0 for p in rep["latency"]["points"])
+    for p in rep["latency"]["points"]:
+        assert p["seq"] == 128 and p["compressed"]["runs"] == p["original"]["runs"] == 20
+        for side in ("compressed", "original"):
+            assert 0 < p[side]["median_ms"] <= p[side]["p90_ms"]
+        assert p["speedup"] == round(p["original"]["median_ms"] / p["compressed"]["median_ms"], 3)

@@ -87,9 +87,23 @@ def test_model_with_no_linear_layers(tiny_bert_dir, tmp_path):
 
 
 def test_option_of_another_method_is_rejected(tmp_path):
-    from factordeploy.compress.base import all_options
-
-    names = {o.name for o in all_options()}
-    if "score" not in names:
-        pytest.skip("no method declares --score yet")
+    # --score belongs to sparse24 (compress/methods/sparse24.py), not to svd
     _bad(["--method", "svd", "--score", "wanda"], tmp_path / "o", "do not apply to method 'svd'")
+
+
+def test_method_option_values_checked_from_the_cli_neutral_declaration(tmp_path):
+    """Choices/bounds declared once on MethodOption: click rejects them on the CLI (exit 2), and
+    method_options rejects them for library callers."""
+    from factordeploy.compress.base import method_options
+    from factordeploy.errors import UserError
+
+    r = CliRunner().invoke(main, ["build", "--method", "sparse24", "--score", "bogus", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "magnitude" in r.output and "wanda" in r.output and "sparsegpt" in r.output
+    r = CliRunner().invoke(main, ["build", "--method", "svd", "--finetune-lr", "0", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "finetune-lr" in r.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UserError, match="--score 'bogus' is not allowed"):
+        method_options("sparse24", {"score": "bogus"})
+    with pytest.raises(UserError, match="--min-reduction"):
+        method_options("welore", {"min_reduction": 1.5})
+    assert method_options("svd", {"finetune_steps": "3"})["finetune_steps"] == 3

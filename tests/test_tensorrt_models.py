@@ -62,7 +62,8 @@ def test_dense_minilm_builds(dense_engine):
 
 def test_svd_minilm_build_command_writes_engine_log_and_report(svd_build, dense_engine, tmp_path):
     out, report = svd_build
-    e = report["engine"]
+    e = report.engine.as_dict()
+    assert e["engine_bytes"] == report.engine.result.engine_bytes and report.engine.result.engine_path == "model.engine"
     for f in ("model.onnx", "model.trt.onnx", "model.engine", "trt-build.log", "report.md", "report.json"):
         assert (out / f).exists(), f
     assert e["backend"] == "trt-rtx" and e["requested"] == "trt-rtx" and e["precision"] == "fp32"
@@ -88,14 +89,14 @@ def test_lowrank_fp16_engine_halves_weights(svd_build, tmp_path):
     onnx.save(m16, str(tmp_path / "fp16.trt.onnx"))
     r16 = build_engine(tmp_path / "fp16.trt.onnx", TrtBuildConfig(out_dir=tmp_path / "e16", precision="fp16",
                        batch=Range3(1, 2, 4), seq=Range3(1, 32, 128)), tm.resolve("trt-rtx"))
-    fp32_bytes = report["engine"]["engine_bytes"]
+    fp32_bytes = report.engine.result.engine_bytes
     assert 0.4 * fp32_bytes < r16.engine_bytes < 0.6 * fp32_bytes
 
     # the fp16 graph TensorRT was given, run by ONNX Runtime against the fp32 model.onnx (padded row included)
     from factordeploy.engines.ort import random_feeds
-    from factordeploy.engines.tensorrt_stage import graph_on_ort
+    from factordeploy.verify.fidelity import compare_onnx_graphs
 
     feeds = random_feeds(["input_ids", "attention_mask", "token_type_ids"], 2, 24, 30000)
     feeds["attention_mask"][1, 15:] = 0
-    g = graph_on_ort(tmp_path / "fp16.trt.onnx", out / "model.onnx", [feeds])
-    assert not g["nan"] and g["max_abs"] < 0.05 * g["reference_max_abs"] and g["mean_abs"] < 5e-3
+    g = compare_onnx_graphs(str(out / "model.onnx"), str(tmp_path / "fp16.trt.onnx"), [feeds])
+    assert not g.nan and g.max_abs < 0.05 * g.reference_max_abs and g.mean_abs < 5e-3

@@ -60,3 +60,22 @@ def mlp_graph(path: Path, seed: int = 0) -> Path:
     m = gs.export_onnx(gs.Graph(nodes=nodes, inputs=[x, mask], outputs=[out], opset=18))
     onnx.save(m, str(path))
     return path
+
+
+def dense_graph(path: Path, k: int = 512, n: int = 512, seed: int = 0, sparse24: bool = False) -> tuple[Path, np.ndarray]:
+    """x[B, S, K] -> MatMul(x, W const [K, N]) -> Relu; W 2:4 along K when `sparse24`. The MatMul is named
+    like an annotated factorized layer (fd/l/...), so passes and the builder log treat it as one."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    if sparse24:  # keep the 2 largest magnitudes of every group of 4 along K (axis 0)
+        g = np.abs(w).reshape(k // 4, 4, n)
+        keep = np.argsort(-g, axis=1)[:, :2, :]
+        mask = np.zeros_like(g, dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=1)
+        w = w * mask.reshape(k, n)
+    x = gs.Variable("x", np.float32, ["B", "S", k])
+    h, y = gs.Variable("h", np.float32), gs.Variable("y", np.float32)
+    nodes = [gs.Node("MatMul", "fd/l/layer/MatMul_0", inputs=[x, gs.Constant("w", w)], outputs=[h]),
+             gs.Node("Relu", "relu", inputs=[h], outputs=[y])]
+    onnx.save(gs.export_onnx(gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=18)), str(path))
+    return path, w

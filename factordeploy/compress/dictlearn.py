@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .layers import index_dtype
 from .linalg import gram_factor
 
 
@@ -136,8 +137,6 @@ def refit_values(H: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, val0: torc
 
 def index_bytes(k: int) -> int:
     """Bytes per stored code index for a k-atom dictionary (layers.index_dtype)."""
-    from .layers import index_dtype
-
     return torch.empty((), dtype=index_dtype(k)).element_size()
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..export.kv_cache import PAST
+
 
 def providers() -> list[str]:
     avail = ort.get_available_providers()
@@ -44,8 +46,6 @@ def random_feeds(input_names: list[str], batch: int, seq: int, vocab: int, seed:
 def session_feeds(sess: ort.InferenceSession, batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random feeds for every input of `sess` at (batch, seq); a KV-cache graph gets past length 0
     (the first pass over a prompt of `seq` tokens)."""
-    from ..export.kv_cache import PAST
-
     names = [i.name for i in sess.get_inputs()]
     feeds = random_feeds([n for n in names if n != "position_ids" and not n.startswith("past_")], batch, seq, vocab, seed)
     for i in sess.get_inputs():

@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import UserError
+from .trt_setup import ensure_rtx_symlink
 
 FULL = "trt"
 RTX = "trt-rtx"
@@ -77,7 +78,6 @@ def _import_candidate(name: str) -> ModuleType | None:
     """Import `name` if it is a real TensorRT (has a Builder); None otherwise."""
     if name == "tensorrt_rtx_bindings":
         try:
-            from .trt_setup import ensure_rtx_symlink
             ensure_rtx_symlink()  # cheap, idempotent; see trt_setup for why it matters
         except Exception:
             pass

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.registry import LoadedModel
+from ..models.registry import LoadedModel, cache_dir
 from . import kv_cache
 
 OPSET = 18
@@ -149,8 +149,6 @@ def export_original_cached(loaded: LoadedModel, model: nn.Module, path: str | Pa
     takes minutes on a small CPU, so it is done once per model version.
     """
     import shutil
-
-    from ..models.registry import cache_dir
 
     cached = cache_dir() / "onnx" / _source_key(loaded, opset) / "model.onnx"
     if cached.exists() and not Path(str(cached) + ".data").exists():

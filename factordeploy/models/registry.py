@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..progress import log
+from .text import evaluation_articles, sample_windows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -69,8 +70,6 @@ class LoadedModel:
 
     def example_inputs(self, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
         """Real tokenized text of shape (batch, seq), for export and fidelity checks."""
-        from .text import evaluation_articles, sample_windows
-
         stream = self.token_ids(evaluation_articles()[:2])
         return self.batch_from_ids(sample_windows(stream, batch, seq, seed=1234))
 

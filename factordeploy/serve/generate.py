@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..export.kv_cache import step_inputs
+from ..models.registry import _quiet_transformers
 from .runners import OrtStepRunner, StepRunner
 
 
@@ -159,8 +160,6 @@ def eos_ids_of(folders: list[Path], tokenizer: object) -> tuple[int, ...]:
 def open_folder(path: str | Path, model_file: str = "model.onnx", threads: int = 0) -> ServedFolder:
     """Open a `deploy build` folder (or any folder with a with-past model.onnx and a tokenizer)."""
     from transformers import AutoTokenizer
-
-    from ..models.registry import _quiet_transformers
 
     p = Path(path)
     if not p.is_dir():

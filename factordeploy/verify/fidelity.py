@@ -1,8 +1,10 @@
-"""Export fidelity with polygraphy: the compressed torch model vs its ONNX under ONNX Runtime.
+"""The build's three output checks as polygraphy runners, each returning a verify.compare.Comparison.
 
-Polygraphy's own PytRunner moves inputs to CUDA, so `TorchRunner` is a CPU/GPU-agnostic
-runner on polygraphy's BaseRunner; the comparison itself is polygraphy's Comparator with
-CompareFunc.simple, so tolerances and statistics mean what polygraphy users expect.
+- `compare_torch_onnx`: the compressed torch model vs model.onnx on ONNX Runtime (export fidelity).
+  Polygraphy's own PytRunner moves inputs to CUDA, so `TorchRunner` is a CPU/GPU-agnostic runner
+  on polygraphy's BaseRunner.
+- `compare_onnx_graphs`: the reduced-precision TensorRT graph vs model.onnx, both on ONNX Runtime.
+- `compare_engine_onnx`: the TensorRT engine (TrtRunner) vs model.onnx.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, CompareFunc
 
 from ..engines.ort import providers
 from ..export import kv_cache
+from ..models import text as textmod
 from ..models.registry import LoadedModel
-from ..models.text import evaluation_articles, sample_windows
+from .compare import Comparison, compare
 
 
 class TorchRunner(BaseRunner):
@@ -58,50 +60,36 @@ class TorchRunner(BaseRunner):
         pass
 
 
-@dataclass
-class FidelityResult:
-    passed: bool
-    atol: float
-    rtol: float
-    max_abs: float
-    max_rel: float
-    mean_abs: float
-    iterations: int
-    runners: tuple[str, str]
-    error_stat: str = "elemwise"
-
-    def as_dict(self) -> dict:
-        return self.__dict__ | {"runners": list(self.runners)}
-
-
 def compare_torch_onnx(fn, onnx_path: str, feeds: list[dict[str, np.ndarray]], input_names: list[str],
                        output_name: str | list[str], atol: float, rtol: float, device: str = "cpu",
-                       error_stat: str = "elemwise") -> FidelityResult:
+                       error_stat: str = "elemwise") -> Comparison:
     """Run both on the same real inputs; pass iff every element of every compared output meets
     |a-b| <= atol + rtol*|b|. `output_name` may list several outputs (a decoder's logits and every
     present key/value); `fn` then returns a dict of them. `error_stat="mean"` checks the mean
     |a-b| against atol instead (quantized artifacts: a few int8-rounded outliers are expected)."""
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.ERROR  # our report states the statistics; polygraphy's dump is noise
     names = [output_name] if isinstance(output_name, str) else list(output_name)
     torch_runner = TorchRunner(fn, input_names, names[0], device, name="torch")
     ort_runner = OnnxrtRunner(SessionFromOnnx(onnx_path, providers=providers()), name="onnxruntime")
-    results = Comparator.run([torch_runner, ort_runner], data_loader=feeds)
-    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat=error_stat))
-    groups = [acc] if hasattr(acc, "values") else list(acc)  # newer polygraphy: a sequence of AccuracyResult
-    stats = [it[n] for g in groups for iters in g.values() for it in iters for n in names]
-    return FidelityResult(
-        passed=all(bool(g) for g in groups),
-        atol=atol,
-        rtol=rtol,
-        max_abs=float(max(s.max_absdiff for s in stats)),
-        max_rel=float(max(s.max_reldiff for s in stats)),
-        mean_abs=float(np.mean([s.mean_absdiff for s in stats])),
-        iterations=len(feeds),
-        runners=("torch", "onnxruntime"),
-        error_stat=error_stat,
-    )
+    return compare(torch_runner, ort_runner, feeds, names, atol, rtol, error_stat)
+
+
+def compare_onnx_graphs(reference: str, candidate: str, feeds: list[dict[str, np.ndarray]], atol: float = 1e-2,
+                        rtol: float = 1e-2) -> Comparison:
+    """Two ONNX files on ONNX Runtime (CPU), e.g. the fp16 TensorRT graph vs the fp32 model.onnx: checks
+    the precision pass where the engine cannot run (not TensorRT's kernels)."""
+    ref = OnnxrtRunner(SessionFromOnnx(str(reference), providers=["CPUExecutionProvider"]), name="onnxruntime")
+    cand = OnnxrtRunner(SessionFromOnnx(str(candidate), providers=["CPUExecutionProvider"]), name="onnxruntime-trt-graph")
+    return compare(ref, cand, feeds, None, atol, rtol)
+
+
+def compare_engine_onnx(ptrt, engine_path: str, onnx_path: str, feeds: list[dict[str, np.ndarray]],
+                        atol: float = 1e-3, rtol: float = 1e-3) -> Comparison:
+    """The TensorRT engine (polygraphy TrtRunner) vs model.onnx on ONNX Runtime, on the same real inputs.
+
+    Needs a GPU the engine supports; `ptrt` is polygraphy's TensorRT backend for that TensorRT."""
+    engine = ptrt.TrtRunner(ptrt.EngineFromBytes(ptrt.BytesFromPath(str(engine_path))), name="tensorrt")
+    ort_runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers()), name="onnxruntime")
+    return compare(ort_runner, engine, feeds, None, atol, rtol)
 
 
 @dataclass
@@ -116,8 +104,6 @@ class CheckPlan:
 
 def text_feeds(loaded: LoadedModel) -> list[dict[str, np.ndarray]]:
     """Real tokenized held-out text at two shapes (dynamic axes exercised)."""
-    from ..models import text as textmod
-
     sents = textmod.sentences(textmod.evaluation_articles())
     feeds = []
     for i, (n, max_len) in enumerate(((2, 32), (4, 64))):
@@ -134,10 +120,9 @@ def check_plan(loaded: LoadedModel, model: torch.nn.Module, decode_steps: int = 
         return CheckPlan(lambda x: loaded.output(model, x), text_feeds(loaded), list(loaded.input_names),
                          [loaded.output_name])
     spec = kv_cache.CacheSpec.from_config(model.config)
-    stream = loaded.token_ids(evaluation_articles()[:2])
-    prompts = [loaded.batch_from_ids(sample_windows(stream, b, s, seed=1234))["input_ids"].numpy()
+    stream = loaded.token_ids(textmod.evaluation_articles()[:2])
+    prompts = [loaded.batch_from_ids(textmod.sample_windows(stream, b, s, seed=1234))["input_ids"].numpy()
                for b, s in ((2, 32), (4, 64))]
     feeds = kv_cache.check_feeds(spec, model, prompts, steps=decode_steps)
     np_fn = lambda x: kv_cache.torch_step(model, spec, {k: v.cpu().numpy() for k, v in x.items()})  # noqa: E731
     return CheckPlan(np_fn, feeds, spec.input_names, spec.output_names)
-
