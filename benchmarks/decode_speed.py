@@ -154,10 +154,8 @@ def render(rows: list[dict], threads: int) -> str:
 @click.option("--out", default=None, help="JSON path [default: benchmarks/results/decode_speed-<model>.json]")
 def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefill_runs, check_tokens, check_steps,
          threads, calib, max_cells, out):
-    from factordeploy.compress.calibration import Calibration, CalibrationConfig
-    from factordeploy.compress.targets import find_targets
-    from factordeploy.models import load_model
-    from factordeploy.pipeline import Session
+    from factordeploy.compress.calibration import CalibrationConfig
+    from factordeploy.pipeline import open_session
     from factordeploy.progress import log
 
     out_path = Path(out or f"benchmarks/results/decode_speed-{model}.json")
@@ -173,9 +171,8 @@ def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefil
                     cells.append((m, r, q))
     if max_cells:
         cells = cells[:max_cells]
-    loaded = load_model(model)
-    session = Session(loaded, None, Calibration(loaded, CalibrationConfig(n=calib, length=128, seed=0)),
-                      find_targets(loaded.model))
+    session = open_session(model, CalibrationConfig(n=calib, length=128, seed=0), evaluate=False)
+    loaded = session.loaded
     work = Path("build/decode_speed") / Path(model).name  # never the model folder itself (absolute paths)
     for m, r, q in cells:
         log(f"cell {m} {r} {q}")

@@ -91,20 +91,17 @@ def build_variant(loaded, session, method: str, ratio, quant: str, work: Path):
 @click.option("--calib", type=int, default=128, show_default=True)
 @click.option("--out", default=None)
 def main(model, method, n_sent, ppl_windows, ppl_len, calib, out):
-    from factordeploy.compress.calibration import Calibration, CalibrationConfig
-    from factordeploy.compress.targets import find_targets
+    from factordeploy.compress.calibration import CalibrationConfig
     from factordeploy.engines.ort_model import OrtModel
-    from factordeploy.models import load_model
-    from factordeploy.pipeline import Session
+    from factordeploy.pipeline import open_session
     from factordeploy.progress import log
 
     args = type("Args", (), {"sentences": n_sent, "ppl_windows": ppl_windows, "ppl_len": ppl_len})
     out_path = Path(out or f"benchmarks/results/int8_quality-{model}-{method}.json")
     doc = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
     done = {(r["ratio"], r["quantize"]) for r in doc["rows"]}
-    loaded = load_model(model)
-    session = Session(loaded, None, Calibration(loaded, CalibrationConfig(n=calib, length=128, seed=0)),
-                      find_targets(loaded.model))
+    session = open_session(model, CalibrationConfig(n=calib, length=128, seed=0), evaluate=False)
+    loaded = session.loaded
     refs = domain_scores(loaded, loaded.model, {}, args) if loaded.kind == "encoder" else {}
     work = Path("build/int8_quality") / Path(model).name  # never the model folder itself (absolute paths)
     for ratio, quant in VARIANTS:
