@@ -89,8 +89,9 @@ def build_variant(loaded, session, method: str, ratio, quant: str, work: Path):
 @click.option("--ppl-windows", type=int, default=4, show_default=True)
 @click.option("--ppl-len", type=int, default=512, show_default=True)
 @click.option("--calib", type=int, default=128, show_default=True)
+@click.option("--variants", default="", help="subset, e.g. '-:none,-:int8,0.5:int8,0.75:none' (ratio or - : quantize)")
 @click.option("--out", default=None)
-def main(model, method, n_sent, ppl_windows, ppl_len, calib, out):
+def main(model, method, n_sent, ppl_windows, ppl_len, calib, variants, out):
     from factordeploy.compress.calibration import CalibrationConfig
     from factordeploy.engines.ort_model import OrtModel
     from factordeploy.pipeline import open_session
@@ -104,7 +105,8 @@ def main(model, method, n_sent, ppl_windows, ppl_len, calib, out):
     loaded = session.loaded
     refs = domain_scores(loaded, loaded.model, {}, args) if loaded.kind == "encoder" else {}
     work = Path("build/int8_quality") / Path(model).name  # never the model folder itself (absolute paths)
-    for ratio, quant in VARIANTS:
+    chosen = [(None if r == "-" else float(r), q) for r, q in (v.split(":") for v in variants.split(",") if v)] or VARIANTS
+    for ratio, quant in chosen:
         if (ratio, quant) in done:
             continue
         log(f"variant {method} {ratio} {quant}")
