@@ -103,9 +103,10 @@ def main(model, method, n_sent, ppl_windows, ppl_len, calib, variants, out):
     done = {(r["ratio"], r["quantize"]) for r in doc["rows"]}
     session = open_session(model, CalibrationConfig(n=calib, length=128, seed=0), evaluate=False)
     loaded = session.loaded
-    refs = domain_scores(loaded, loaded.model, {}, args) if loaded.kind == "encoder" else {}
-    work = Path("build/int8_quality") / Path(model).name  # never the model folder itself (absolute paths)
     chosen = [(None if r == "-" else float(r), q) for r, q in (v.split(":") for v in variants.split(",") if v)] or VARIANTS
+    pending = [v for v in chosen if v not in done]
+    refs = domain_scores(loaded, loaded.model, {}, args) if loaded.kind == "encoder" and pending else {}
+    work = Path("build/int8_quality") / Path(model).name  # never the model folder itself (absolute paths)
     for ratio, quant in chosen:
         if (ratio, quant) in done:
             continue
@@ -123,7 +124,8 @@ def main(model, method, n_sent, ppl_windows, ppl_len, calib, variants, out):
         out_path.with_suffix(".tmp").write_text(json.dumps(doc, indent=2))
         os.replace(out_path.with_suffix(".tmp"), out_path)
     shutil.rmtree(work, ignore_errors=True)
-    base_t = next(r["targeted_bytes"] for r in doc["rows"] if r["ratio"] is None and r["quantize"] == "none")
+    tset = set(session.targets)
+    base_t = sum(m.weight.numel() * 4 for n, m in loaded.model.named_modules() if n in tset)  # fp32 targeted bytes
     rows = sorted(doc["rows"], key=lambda r: -r["targeted_bytes"])
     lines = [f"{model}, {doc['setup']['metric']}; ONNX Runtime artifacts", "",
              "| variant | weights | targeted bytes (of fp32) | file MB | " + " | ".join(DOMAINS) + " |",
