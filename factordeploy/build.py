@@ -31,6 +31,7 @@ STAGES: tuple[st.Stage, ...] = (
     st.verify_export,    # polygraphy: compressed torch vs model.onnx on real text
     st.quantize,         # --quantize int8: model.onnx becomes int8; checked and scored again
     st.latency,          # ONNX Runtime latency, original vs compressed
+    st.serving_files,    # config/tokenizer for other stacks; ORT-optimized graph kept only if smaller-or-equal and faster
     st.finish,           # artifacts, sizes on disk, versions
 )
 

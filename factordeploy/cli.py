@@ -79,6 +79,8 @@ def _op_lowering_options(f):
 @click.option("--calib", type=int, default=128, show_default=True, help="calibration samples")
 @click.option("--calib-len", type=int, default=128, show_default=True, help="tokens per calibration sample")
 @click.option("--calib-data", type=click.Path(), default=None, help="your own calibration text (.txt or .jsonl)")
+@click.option("--calib-cache", default=None, type=click.Path(),
+              help="folder where calibration statistics are kept and reused by later builds of the same model and --calib settings")
 @click.option("--targets", default="*", show_default=True, help="comma-separated glob patterns of linears to compress")
 @click.option("--no-eval", is_flag=True, help="skip the task-quality evaluation")
 @click.option("--no-baseline", is_flag=True, help="skip the original-model ONNX (no latency comparison)")
@@ -88,6 +90,8 @@ def _op_lowering_options(f):
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="compute precision of the TensorRT graph (model.onnx stays fp32)")
 @click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "triton"]), default="onnx", show_default=True,
+              help="triton: also write a Triton model repository into OUT/triton (see `deploy export-triton`)")
 @click.option("--quantize", type=click.Choice(list(QUANTIZE_MODES)), default="none", show_default=True,
               help="int8: ONNX Runtime dynamic int8 of model.onnx (every constant-weight MatMul, factors included); "
                    "export check and quality run on the int8 file")
@@ -95,8 +99,8 @@ def _op_lowering_options(f):
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @_op_lowering_options
 @_method_options
-def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, quantize, trt_batch, trt_seq, **method_opts):
+def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
+          quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     ort_lowering = {k[len("ort_op_"):]: method_opts.pop(k) for k in list(method_opts) if k.startswith("ort_op_")}
     set_quiet(quiet)
@@ -109,7 +113,7 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
                       sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq,
-                      quantize=quantize)
+                      quantize=quantize, calib_cache=calib_cache)
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "
@@ -126,6 +130,11 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                    f"{x.layers} layers, built in {x.build_seconds:.1f} s; executed: {'yes' if x.executed else 'no'} ({x.reason})")
     elif e is not None:
         click.echo(f"backend: {e.backend} ({e.reason})")
+    if fmt == "triton":
+        from .cli_serving import echo_repository
+        from .serve.triton import write_repository
+
+        echo_repository(res.out / "triton", write_repository(res.out, r.to_dict(), res.out / "triton"))
     if not r.fidelity.passed or (q and not q["fidelity"]["passed"]):
         sys.exit(1)
 
@@ -179,6 +188,15 @@ def models() -> None:
         click.echo(f"{name.ljust(8)}  {desc}")
     click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")
 
+
+def _add_folder_commands() -> None:
+    from .cli_serving import COMMANDS
+
+    for cmd in COMMANDS:
+        main.add_command(cmd)
+
+
+_add_folder_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

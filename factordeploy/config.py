@@ -58,6 +58,7 @@ class BuildConfig:
     sparse_weights: bool = False
     quantize: str = "none"  # none | int8: ONNX Runtime dynamic int8 of model.onnx (engines/quantize.py)
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
+    calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
 

@@ -101,6 +101,7 @@ class Report:
     quality: dict[str, Any] = field(default_factory=dict)
     latency: LatencyReport | None = None
     engine: EngineReport | None = None
+    serving: dict[str, Any] | None = None  # files for other stacks, the ORT-optimized graph decision (serve/)
     artifacts: dict[str, str] = field(default_factory=dict)
     sizes_on_disk: dict[str, int] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -189,6 +190,7 @@ def render_markdown(r: dict) -> str:
         o = p.get("original", {}).get("median_ms", float("nan"))
         lines.append(f"| {p['batch']} x {p['seq']} | {o:.2f} | {p['compressed']['median_ms']:.2f} | {p.get('speedup', float('nan')):.2f}x | {p['compressed']['runs']} |")
     lines += render_engine(r.get("engine"))
+    lines += render_serving(r.get("serving"))
     lines += ["", "## Layers", "| layer | before | after | bytes before | bytes after |", "|---|---|---|---:|---:|"]
     for lay in r["layers"]:
         after = ", ".join(f"{k}={v}" for k, v in lay["after"].items() if k not in ("in", "out"))
@@ -222,6 +224,18 @@ def pass_notes(passes: list[dict]) -> list[str]:
                             "model.onnx saves no bytes on it (chosen because it is faster on this runtime); the "
                             "op's standard-op body keeps the compressed form, and the TensorRT graph always does.")
     return out
+
+
+def render_serving(sv: dict | None) -> list[str]:
+    """## Serving files: what other stacks read from this folder, and the ORT-optimized graph decision."""
+    if not sv:
+        return []
+    h, o = sv["hf_files"], sv["ort_optimized"]
+    return ["", "## Serving files",
+            f"For Hugging Face / Optimum (`ORTModel*.from_pretrained(folder)`): {', '.join(f'`{f}`' for f in h['files'])} "
+            f"(tokenizer class `{h['tokenizer_class']}`"
+            + (f"; flat keys for older readers: {', '.join(h['flat_keys_added'])}" if h["flat_keys_added"] else "") + ").  ",
+            f"`model.ort-optimized.onnx`: {o['reason']}."]
 
 
 def render_engine(e: dict | None) -> list[str]:

@@ -40,6 +40,8 @@ from .models.registry import LoadedModel, load_model
 from .passes.pipeline import PassContext, run_pipeline
 from .passes.presets import ort_pipeline, trt_pipeline
 from .progress import log, stage
+from .serve.hf_files import write_hf_files
+from .serve.ort_optimized import decide_ort_optimized
 from .report import EngineReport, FidelityReport, LatencyReport, Report, SizeReport
 from .verify.fidelity import CheckPlan, check_plan, compare_engine_onnx, compare_onnx_graphs, compare_torch_onnx
 from .verify.quality import EvalConfig, QualityProbe
@@ -126,6 +128,8 @@ def calibrate(s: BuildState) -> None:
     s.method = get_method(s.cfg.method)
     if s.calibration is None and s.method.uses_calibration(dict(s.cfg.options)):
         s.calibration = Calibration(s.loaded, s.cfg.calib, s.cfg.device)
+        if s.cfg.calib_cache:  # statistics stored by earlier builds of this model + calibration config
+            s.calibration.attach_store(s.cfg.calib_cache)
 
 
 def compress(s: BuildState) -> None:
@@ -136,6 +140,8 @@ def compress(s: BuildState) -> None:
                           calibration=s.calibration if method.uses_calibration(dict(cfg.options)) else None)
     with stage(f"compress ({cfg.method})", s.timings):
         s.result = r = method.compress(s.model, list(s.targets), ctx)
+    if ctx.calibration is not None and cfg.calib_cache:
+        ctx.calibration.save_store()
     s.model.eval()
     s.factorized = {x.name: x.after for x in r.layers if x.after.get("kind") != "dense"}
     params_after, bytes_after = model_bytes(s.model)
@@ -285,6 +291,18 @@ def latency(s: BuildState) -> None:
                 row["speedup"] = round(row["original"]["median_ms"] / row["compressed"]["median_ms"], 3)
             points.append(row)
     s.report.latency = LatencyReport("onnxruntime", ortmod.providers(), points)
+
+
+def serving_files(s: BuildState) -> None:
+    """config.json / tokenizer / generation_config.json for other stacks (Optimum), and model.ort-optimized.onnx
+    kept only where it is no larger than model.onnx and measured faster (serve/)."""
+    with stage("serving files (config/tokenizer for other stacks; keep the ORT-optimized graph?)", s.timings):
+        hf = write_hf_files(s.loaded, s.folder)
+        vocab = int(getattr(s.model.config, "vocab_size", 1000))
+        opt = decide_ort_optimized(s.artifacts["model"], s.artifacts["ort_optimized"], vocab)
+    if not opt.kept:
+        s.artifacts.pop("ort_optimized")
+    s.report.serving = {"hf_files": hf, "ort_optimized": opt.as_dict()}
 
 
 def finish(s: BuildState) -> None:

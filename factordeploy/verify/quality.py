@@ -96,10 +96,16 @@ def perplexity(loaded: LoadedModel, model: nn.Module, cfg: EvalConfig, device: s
     need = cfg.ppl_windows * cfg.ppl_len
     if len(stream) < need:
         raise ValueError(f"evaluation text has {len(stream)} tokens, need {need}")
+    windows = [stream[w * cfg.ppl_len:(w + 1) * cfg.ppl_len] for w in range(cfg.ppl_windows)]
+    return window_perplexity(loaded, model, windows, device)
+
+
+def window_perplexity(loaded: LoadedModel, model: nn.Module, windows: list[list[int]], device: str = "cpu") -> float:
+    """exp(mean next-token NLL) of `model` (torch, or engines.ort_model.OrtModel) over token windows."""
     nll, count = 0.0, 0
     with torch.no_grad():
-        for w in track(range(cfg.ppl_windows), "perplexity"):
-            ids = torch.tensor([stream[w * cfg.ppl_len:(w + 1) * cfg.ppl_len]], device=device)
+        for w in track(windows, "perplexity"):
+            ids = torch.tensor([w], device=device)
             logits = loaded.output(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).float()
             loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
             nll += float(loss)
