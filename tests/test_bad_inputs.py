@@ -206,7 +206,7 @@ def _stf_file(content: Callable[[Path], None]):
     def make(tmp: Path, fx: dict) -> list[str]:
         d = tmp / "ckpt"
         d.mkdir()
-        content(d / "stf.pt")
+        content(d / "trainer.pt")
         return ["--model", str(fx["bert"]), "--method", "dsformer", "--stf-checkpoint", str(d)]
     return make
 

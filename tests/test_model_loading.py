@@ -102,10 +102,10 @@ def test_stf_checkpoint_resumes_through_the_safe_loader(tiny_bert_dir, tmp_path)
         return get_method("dsformer").compress(loaded.model, find_targets(loaded.model), ctx)
 
     first = run(2)
-    second = run(3)  # resumes at step 2 from stf.pt, loaded with weights_only=True
+    second = run(3)  # resumes at step 2 from trainer.pt, loaded with weights_only=True
     assert len(first.extra["stf_loss_curve"]) == 2 and len(second.extra["stf_loss_curve"]) == 3
     assert second.extra["stf_loss_curve"][:2] == first.extra["stf_loss_curve"]
-    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["stf.pt"]
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["trainer.pt"]
 
 
 # ---------------------------------------------------------------- the one text-input helper

@@ -18,15 +18,13 @@ message (exit code 2) instead of failing silently.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import cuda_median_ms  # noqa: E402
+from timing import DECODE, PREFILL, cuda_median_ms, kernel_bench_args, write_table  # noqa: E402
 
 SHAPES = {  # name: (in, out)
     "minilm.qkvo 384x384": (384, 384),
@@ -36,8 +34,6 @@ SHAPES = {  # name: (in, out)
     "smollm2.up 576->1536": (576, 1536),
     "llama.q 4096x4096": (4096, 4096),
 }
-DECODE = (1, 2, 4, 8, 16)
-PREFILL = (2048, 4096, 8192)
 RATIOS = (0.2, 0.35, 0.5)
 
 
@@ -54,13 +50,7 @@ def pick_ks(n_in: int, n_out: int, ratio: float) -> tuple[int, int] | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--hbm-gbs", type=float, default=3350.0, help="HBM bandwidth for the roofline column (GB/s)")
-    ap.add_argument("--md", type=Path, default=None)
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    args = ap.parse_args()
+    args = kernel_bench_args(__doc__.splitlines()[0], list(SHAPES), 3350.0)
 
     import torch
 
@@ -104,16 +94,9 @@ def main() -> int:
                              "roofline_fraction": round(roof_ms / t_sparse, 3),
                              "dense_roofline_ms": round(dense_roof_ms, 5), "max_rel_err": round(err, 5)})
                 print(" ".join(f"{k_}={v}" for k_, v in rows[-1].items()), flush=True)
-    head = ("| layer | ratio | k | s | M | dense cuBLAS ms | sparse-dict ms | speedup | roofline ms | "
-            "of roofline | rel err |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
-    md = head + "".join(
-        f"| {r['layer']} | {r['ratio']} | {r['k']} | {r['s']} | {r['M']} | {r['dense_ms']} | {r['sparse_dict_ms']} | "
-        f"{r['speedup']} | {r['roofline_ms']} | {r['roofline_fraction']} | {r['max_rel_err']} |\n" for r in rows)
-    print(md)
-    if args.md:
-        args.md.write_text(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}\n\n" + md)
-    if args.json:
-        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    write_table(rows, [("layer", "layer"), ("ratio", "ratio"), ("k", "k"), ("s", "s"), ("M", "M"),
+                       ("dense cuBLAS ms", "dense_ms"), ("sparse-dict ms", "sparse_dict_ms"), ("speedup", "speedup"),
+                       ("roofline ms", "roofline_ms"), ("of roofline", "roofline_fraction"), ("rel err", "max_rel_err")], args)
     return 0
 
 

@@ -89,3 +89,10 @@ def allocate_by_threshold(spectra: dict[str, torch.Tensor], shapes: dict[str, tu
         else:
             lo = mid
     return ThresholdAllocation(ranks=ranks, tau=hi, bytes_after=total, bytes_budget=budget)
+
+
+def rank_after_extra(out_f: int, in_f: int, ratio: float, extra_bytes: int, elem: int = 4) -> int:
+    """Largest rank whose factors fit beside `extra_bytes` of other storage (a sparse part) within
+    the layer's (1 - ratio) byte budget; 0 means the extra part leaves no room for rank 1."""
+    budget = math.floor((1.0 - ratio) * out_f * in_f * elem)
+    return max((budget - extra_bytes) // ((out_f + in_f) * elem), 0)

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import sparse_dict_matmul
+from ..ops import sparse_dict_matmul, sparse_matmul
 from ..ops.export import emit
+from .linalg import balance_factors
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -95,11 +96,9 @@ class LowRankLinear(FactorizedLinear):
         Whitened factors come out as A = V^T L^-1 (entries ~1e-3) and B = U S (entries ~10);
         a uniform-step optimiser like Adam would move A by a large relative amount per step.
         """
-        a, b = self.A.norm(dim=1), self.B.norm(dim=0)
-        ok = (a > 0) & (b > 0)
-        d = torch.where(ok, (b / torch.where(ok, a, torch.ones_like(a))).sqrt(), torch.ones_like(a))
-        self.A.mul_(d[:, None])
-        self.B.div_(d[None, :])
+        A, B = balance_factors(self.A, self.B)
+        self.A.copy_(A)
+        self.B.copy_(B)
         return self
 
     def stored_bytes(self) -> int:
@@ -376,3 +375,157 @@ class SparseDictLinear(FactorizedLinear):
 
     def graph_facts(self) -> dict:
         return {"custom_op": self.op.name}
+
+
+# --- sparse + low-rank (issue 14: SLTrain, LOST) ---------------------------------------------
+
+def flat_index_dtype(numel: int) -> torch.dtype:
+    """Storage dtype of flat indices into a matrix of `numel` entries.
+
+    int32 up to 2^31 entries (every layer of a 7B model), else int64: the exported graph hands
+    the indices to the sparse_matmul op node unchanged, so what is counted is what is on disk.
+    """
+    return torch.int32 if numel <= 2 ** 31 else torch.int64
+
+
+class SparsePlusLowRankLinear(FactorizedLinear):
+    """SLTrain's W = scale * B @ A + S with S unstructured sparse.
+
+    * ``A`` (r x in), ``B`` (out x r): the low-rank factors (``scale`` = alpha / r in
+      pretraining; 1.0 when a compression method folds it into B);
+    * ``idx`` (nnz,): S's support as sorted flat row-major indices (o * in + i) at
+      ``flat_index_dtype`` width; ``val`` (nnz,): its values.
+
+    forward: one dense GEMM with W built on the fly (SLTrain's own forward: scatter S into B A,
+    then one linear; gradients reach only A, B and the nnz values). Under ONNX export: two
+    rank-r MatMuls plus one node of the custom op ``ops.sparse_matmul`` (x, idx, val) for S, so the
+    artifact stores exactly the factors, the values and the flat indices.
+    """
+
+    kind = "sparse_lowrank"
+    op = sparse_matmul.SPEC
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
+                 bias: torch.Tensor | None = None, scale: float = 1.0) -> None:
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"SparsePlusLowRankLinear needs A (r x in), B (out x r); got {tuple(A.shape)}, {tuple(B.shape)}")
+        if idx.dim() != 1 or idx.shape != val.shape:
+            raise ValueError(f"idx and val must be 1-D of equal length; got {tuple(idx.shape)}, {tuple(val.shape)}")
+        super().__init__(A.shape[1], B.shape[0], bias)
+        numel = self.in_features * self.out_features
+        idx = idx.detach().long()
+        if idx.numel():
+            if int(idx.min()) < 0 or int(idx.max()) >= numel:
+                raise ValueError("flat indices out of range")
+            if bool((idx[1:] <= idx[:-1]).any()):
+                raise ValueError("flat indices must be sorted and unique")
+        self.A = nn.Parameter(A.detach().clone().contiguous())
+        self.B = nn.Parameter(B.detach().clone().contiguous())
+        self.register_buffer("idx", idx.to(flat_index_dtype(numel)).contiguous())
+        self.val = nn.Parameter(val.detach().clone().to(self.A.dtype).contiguous())
+        self.scale = float(scale)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def nnz(self) -> int:
+        return self.idx.numel()
+
+    def sparse_weight(self) -> torch.Tensor:
+        """S as a dense (out x in) matrix (differentiable in `val`)."""
+        S = torch.zeros(self.out_features * self.in_features, dtype=self.val.dtype, device=self.val.device)
+        return S.scatter(0, self.idx.long(), self.val).view(self.out_features, self.in_features)
+
+    def lowrank_weight(self) -> torch.Tensor:
+        return (self.B @ self.A) * self.scale if self.scale != 1.0 else self.B @ self.A
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.lowrank_weight() + self.sparse_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            y = F.linear(F.linear(x, self.A), self.B)
+            if self.scale != 1.0:
+                y = y * self.scale
+            y = y + emit(self.op, (x, self.idx, self.val),
+                         {"in_features": self.in_features, "out_features": self.out_features})
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.dense_weight(), self.bias)
+
+    def stored_bytes(self) -> int:
+        scalar = self.A.element_size() if self.scale != 1.0 else 0  # the exported Mul's constant
+        return tensor_bytes(self.A) + tensor_bytes(self.B) + tensor_bytes(self.idx) + tensor_bytes(self.val) + scalar
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank,
+                "nnz": self.nnz, "density": round(self.nnz / (self.in_features * self.out_features), 5),
+                "index_dtype": str(self.idx.dtype).replace("torch.", "")} | self.graph_facts()
+
+    def graph_facts(self) -> dict:
+        return {"custom_op": self.op.name}
+
+
+class ChannelSparseLowRankLinear(FactorizedLinear):
+    """LOST's y = gamma * (x A^T) B^T + (1 - gamma) * x[..., I] W_s^T (+ b).
+
+    * ``A`` (r x in), ``B`` (out x r): the low-rank part;
+    * ``channels`` (c,): the input-channel set I (sorted, unique), int64 - the width the
+      exported ONNX Gather stores (c is a few percent of `in`, so this is a few hundred bytes);
+    * ``Ws`` (out x c): the dense block on those channels.
+
+    Exported as standard ONNX only: MatMul, MatMul for the low-rank part, Gather(x, I) +
+    MatMul(W_s^T) for the channel part, two scalar Muls (gamma, 1 - gamma) and an Add. Every
+    MatMul reads the activation, so constant folding can never rebuild the dense W.
+    """
+
+    kind = "channel_lowrank"
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, channels: torch.Tensor, Ws: torch.Tensor,
+                 bias: torch.Tensor | None = None, gamma: float = 0.5) -> None:
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"ChannelSparseLowRankLinear needs A (r x in), B (out x r); got {tuple(A.shape)}, {tuple(B.shape)}")
+        if channels.dim() != 1 or Ws.dim() != 2 or Ws.shape != (B.shape[0], channels.numel()):
+            raise ValueError(f"Ws must be (out x |I|) = ({B.shape[0]} x {channels.numel()}); got {tuple(Ws.shape)}")
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"gamma must lie in (0, 1), got {gamma}")
+        super().__init__(A.shape[1], B.shape[0], bias)
+        ch = channels.detach().long()
+        if ch.numel():
+            if int(ch.min()) < 0 or int(ch.max()) >= self.in_features:
+                raise ValueError("channel indices out of range")
+            if bool((ch[1:] <= ch[:-1]).any()):
+                raise ValueError("channel indices must be sorted and unique")
+        self.A = nn.Parameter(A.detach().clone().contiguous())
+        self.B = nn.Parameter(B.detach().clone().contiguous())
+        self.register_buffer("channels", ch.contiguous())
+        self.Ws = nn.Parameter(Ws.detach().clone().to(self.A.dtype).contiguous())
+        self.gamma = float(gamma)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def channel_weight(self) -> torch.Tensor:
+        """W_s placed in its columns of a dense (out x in) matrix (differentiable in Ws)."""
+        W = torch.zeros(self.out_features, self.in_features, dtype=self.Ws.dtype, device=self.Ws.device)
+        return W.index_copy(1, self.channels, self.Ws)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.gamma * (self.B @ self.A) + (1.0 - self.gamma) * self.channel_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gamma * F.linear(F.linear(x, self.A), self.B)
+        y = y + (1.0 - self.gamma) * F.linear(x.index_select(-1, self.channels), self.Ws)
+        return y + self.bias if self.bias is not None else y
+
+    def stored_bytes(self) -> int:
+        # + the scalar constants of the exported Muls: gamma and 1 - gamma (one constant when equal)
+        scalars = len({self.gamma, 1.0 - self.gamma})
+        return (tensor_bytes(self.A) + tensor_bytes(self.B) + tensor_bytes(self.channels) + tensor_bytes(self.Ws)
+                + scalars * self.A.element_size())
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank,
+                "channels": int(self.channels.numel()), "gamma": self.gamma} | self.graph_facts()

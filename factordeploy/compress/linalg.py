@@ -102,3 +102,74 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float
     E = (W.detach() - W_hat.detach()).to(torch.float64)
     val = torch.einsum("oi,ij,oj->", E, G.to(torch.float64), E)
     return float(val.clamp_min(0).sqrt())
+
+
+def damped_gram(L: torch.Tensor) -> torch.Tensor:
+    """G = L L^T: the (damped) Gram matrix whose Cholesky factor `gram_factor` returned.
+
+    Least-squares fits that share a metric with `whitened_svd` use this G, so every step of an
+    alternating fit decreases the same objective ||(W - W_hat) L||_F.
+    """
+    L = L.to(torch.float64)
+    return L @ L.T
+
+
+def support_lstsq(R: torch.Tensor, G: torch.Tensor, idx: torch.Tensor, chunk: int = 1024,
+                  max_elems: int = 1 << 25) -> torch.Tensor:
+    """Values on a fixed sparse support minimising sum_o (r_o - s_o) G (r_o - s_o)^T.
+
+    R (out x in) is the matrix to fit, G (in x in) the metric (X^T X: the output error
+    ||X (R - S)^T||^2), idx the sorted flat row-major support. Per row o with support
+    columns J: G[J, J] s_J = (G r_o)[J]. Rows are solved in padded batches of at most `chunk` rows
+    and `max_elems` system entries (rows x kmax^2 float64: 256 MB), so a 7B-sized layer, or a
+    support that piles up in a few rows, stays bounded. Returns the values in idx order.
+    """
+    R64, G64 = R.detach().to(torch.float64), G.to(torch.float64)
+    out_f, in_f = R64.shape
+    idx = idx.long()
+    rows, cols = idx // in_f, idx % in_f
+    counts = torch.bincount(rows, minlength=out_f)
+    starts = torch.cumsum(counts, 0) - counts
+    kmax = int(counts.max()) if idx.numel() else 0
+    vals = torch.zeros(idx.numel(), dtype=torch.float64, device=R.device)
+    if kmax == 0:
+        return vals.to(R.dtype)
+    pos = torch.arange(idx.numel(), device=R.device) - starts[rows]  # slot of each entry inside its row
+    chunk = max(1, min(chunk, max_elems // (kmax * kmax)))
+    for r0 in range(0, out_f, chunk):
+        r1 = min(out_f, r0 + chunk)
+        sel = (rows >= r0) & (rows < r1)
+        n = r1 - r0
+        J = torch.zeros(n, kmax, dtype=torch.long, device=R.device)
+        mask = torch.zeros(n, kmax, dtype=torch.bool, device=R.device)
+        J[rows[sel] - r0, pos[sel]] = cols[sel]
+        mask[rows[sel] - r0, pos[sel]] = True
+        GJJ = G64[J[:, :, None], J[:, None, :]]  # n x kmax x kmax
+        m2 = mask[:, :, None] & mask[:, None, :]
+        eye = torch.eye(kmax, dtype=torch.float64, device=R.device).expand(n, kmax, kmax)
+        GJJ = torch.where(m2, GJJ, eye * (~mask[:, :, None]))  # padded slots: identity rows, zero rhs
+        rhs = torch.gather(R64[r0:r1] @ G64, 1, J) * mask
+        sol = torch.linalg.solve(GJJ, rhs.unsqueeze(-1)).squeeze(-1)
+        vals[sel] = sol[rows[sel] - r0, pos[sel]]
+    return vals.to(R.dtype)
+
+
+def channel_lstsq(R: torch.Tensor, G: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """W_s (out x |I|) minimising ||X R^T - X[:, I] W_s^T||_F: W_s = R G[:, I] G[I, I]^-1."""
+    R64, G64 = R.detach().to(torch.float64), G.to(torch.float64)
+    I = channels.long()
+    rhs = R64 @ G64[:, I]  # out x c
+    return torch.linalg.solve(G64[I][:, I], rhs.T).T.to(R.dtype)
+
+
+def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank component so A's row and B's column have equal norms (B @ A unchanged).
+
+    Whitened factors come out as A = V^T L^-1 (entries ~1e-3) and B = U S (entries ~10); a
+    uniform-step optimiser like Adam would move A by a large relative amount per step.
+    """
+    with torch.no_grad():
+        a, b = A.norm(dim=1), B.norm(dim=0)
+        ok = (a > 0) & (b > 0)
+        d = torch.where(ok, (b / torch.where(ok, a, torch.ones_like(a))).sqrt(), torch.ones_like(a))
+        return A * d[:, None], B / d[None, :]

@@ -28,6 +28,7 @@ PLUGIN_VERSION = "1"
 # The registration list: one line per op package under factordeploy/ops/.
 OP_PACKAGES = (
     "sparse_dict_matmul",
+    "sparse_matmul",
 )
 
 _OPS: dict[str, OpSpec] = {}
