@@ -12,7 +12,8 @@ from .compress.base import MethodOption, all_methods, all_options, method_option
 from .compress.calibration import CalibrationConfig
 from .engines.quantize import MODES as QUANTIZE_MODES
 from .engines.trt_module import BACKENDS
-from .errors import UserError
+from .errors import UserError, disk_full
+from .interrupts import Interrupted, signals_as_exceptions
 from .models.registry import REGISTRY
 from .ops import all_ops
 from .passes.precision import PRECISIONS
@@ -23,13 +24,24 @@ from .serve.generate import SamplingConfig, open_folder
 
 
 class _Group(click.Group):
-    """Turns UserError into one line on stderr and exit code 2 (never a traceback)."""
+    """Turns UserError (and a full disk) into one line on stderr and exit code 2, a signal into one
+    line and exit code 128 + signum: never a traceback, and every clean-up runs first."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with signals_as_exceptions():
+                return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e.message}", err=True)
+            ctx.exit(2)
+        except Interrupted as e:
+            click.echo(f"error: {e}; partial output removed, --out unchanged", err=True)
+            ctx.exit(e.exit_code)
+        except Exception as e:
+            full = disk_full(e)
+            if full is None:
+                raise
+            click.echo(f"error: {full.message}", err=True)
             ctx.exit(2)
 
 
@@ -76,6 +88,8 @@ def _op_lowering_options(f):
 @click.option("--ratio", type=float, default=0.5, show_default=True,
               help="fraction of the targeted layers' stored bytes to remove, 0 < ratio < 1")
 @click.option("--out", default=None, help="output folder [default: build/<model>-<method>]")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing --out that deploy did not write (a folder deploy wrote is replaced anyway)")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib", type=int, default=128, show_default=True, help="calibration samples")
@@ -118,7 +132,7 @@ def _op_lowering_options(f):
               help="folder for the resumable recovery checkpoint; rerunning the same command resumes from it")
 @_op_lowering_options
 @_method_options
-def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
+def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
           quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, recover_steps, adapter,
           adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
           recover_checkpoint, **method_opts):
@@ -128,7 +142,7 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
     options = method_options(method, method_opts)
-    cfg = BuildConfig(model=model, method=method, ratio=ratio, out=out or f"build/{model.replace('/', '_')}-{method}",
+    cfg = BuildConfig(model=model, method=method, ratio=ratio, out=out or f"build/{model.replace('/', '_')}-{method}", overwrite=overwrite,
                       device=device, seed=seed, options=options,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),

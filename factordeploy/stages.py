@@ -36,6 +36,7 @@ from .engines.tensorrt import TrtBuildConfig, build_engine
 from .engines.trt_module import choose_backend, describe, polygraphy_trt
 from .errors import UserError
 from .export.onnx_export import export_onnx, export_original_cached
+from .export.onnx_files import load_onnx
 from .models.registry import LoadedModel, load_model
 from .passes.pipeline import PassContext, run_pipeline
 from .passes.presets import ort_pipeline, trt_pipeline
@@ -130,6 +131,7 @@ def calibrate(s: BuildState) -> None:
     s.method = get_method(s.cfg.method)
     if s.calibration is None and s.method.uses_calibration(dict(s.cfg.options)):
         s.calibration = Calibration(s.loaded, s.cfg.calib, s.cfg.device)
+        s.calibration.windows()  # tokenized now: too little text fails before any compression work
         if s.cfg.calib_cache:  # statistics stored by earlier builds of this model + calibration config
             s.calibration.attach_store(s.cfg.calib_cache)
 
@@ -204,7 +206,7 @@ def ort_graph(s: BuildState) -> None:
     path = s.folder / "model.onnx"
     pctx = PassContext(layers=s.factorized, target="ort")
     with stage("graph passes (onnx-graphsurgeon)", s.timings):
-        proto = run_pipeline(onnx.load(str(s.artifacts["exported"])), ort_pipeline(s.cfg.ort_lowering), pctx)
+        proto = run_pipeline(load_onnx(s.artifacts["exported"]), ort_pipeline(s.cfg.ort_lowering), pctx)
         onnx.save_model(proto, str(path))
     s.artifacts["model"] = path
     s.report.passes = pctx.log
@@ -235,7 +237,7 @@ def tensorrt(s: BuildState) -> None:
     trt_onnx = s.folder / "model.trt.onnx"
     pctx = PassContext(layers=s.factorized, target="trt")
     with stage(f"graph passes for TensorRT ({ec.precision})", s.timings):
-        proto = run_pipeline(onnx.load(str(s.artifacts["exported"])), trt_pipeline(ec.precision), pctx)
+        proto = run_pipeline(load_onnx(s.artifacts["exported"]), trt_pipeline(ec.precision), pctx)
         onnx.save_model(proto, str(trt_onnx))
     e.passes = pctx.log
     bcfg = TrtBuildConfig(out_dir=s.folder, engine_name="model.engine", precision=ec.precision,

@@ -15,6 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "factordeploy"
 
 LAYERS: list[tuple[str, ...]] = [
     ("__init__", "errors", "progress"),  # leaves: no factordeploy imports
+    ("interrupts", "outdir"),            # signals as exceptions; safe writes (--out, caches, checkpoints)
     ("ops",),                            # custom ops: spec, body, emit, one package per op
     ("models",),
     ("train",),                          # the one training loop (generic: loss and data plugged in)

@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import UserError
+from ..export.onnx_files import load_onnx
 
 MODES = ("none", "int8")
 
@@ -88,7 +89,7 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
 
     src, dst = Path(src), Path(dst)
     external = os.path.exists(str(src) + ".data")
-    proto = onnx.load(str(src))
+    proto = load_onnx(src)
     total = _const_matmuls(proto)
     untied = pretranspose_weights(proto)
     total += untied

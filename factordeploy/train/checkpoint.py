@@ -71,3 +71,22 @@ def load_state(folder: str | Path, signature: dict[str, Any], map_location: str 
         raise UserError(f"training checkpoint {path} was written for a different run (model, data or settings differ)",
                         "delete that folder or pass another checkpoint folder")
     return state
+
+
+def check_state_folder(folder: str | Path, flag: str) -> None:
+    """Before any work: `flag`'s folder is a folder, and a checkpoint in it loads through the safe
+    loader (tensors, numbers, lists, dicts only; a crafted pickle is refused, never run)."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder", f"pass a folder ({STATE_FILE} is written inside it)")
+    path = p / STATE_FILE
+    if not path.is_file():
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for a refused object, RuntimeError for a damaged file
+        text = str(e)
+        reason = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "") or \
+            f"{type(e).__name__}: {text.strip().splitlines()[0][:150] if text.strip() else 'unreadable'}"
+        raise UserError(f"{flag} checkpoint {path} is not a loadable checkpoint ({reason})",
+                        "delete it (training restarts from step 0) or pass another folder") from None

@@ -38,6 +38,7 @@ from ..targets import set_module
 from ...errors import UserError
 from ...progress import track
 from ...train import TrainConfig, train
+from ...train.checkpoint import check_state_folder
 
 STF_STEPS = MethodOption("stf-steps", int, 200, "Straight-Through Factorizer steps (0 = per-layer SVD init only)")
 STF_LR = MethodOption("stf-lr", float, 1e-4, "STF Adam learning rate on the latent factors")
@@ -128,6 +129,10 @@ class DSFormerMethod(Method):
     summary = "DSFormer: W ~ dense D (out x k) x 2:4-sparse S (k x in); SVD init + joint Straight-Through Factorizer"
     options = (STF_STEPS, STF_LR, STF_BATCH, STF_CKPT, STF_SAVE_EVERY)
     needs_calibration = True
+
+    def check_options(self, options: dict) -> None:
+        if options.get("stf_checkpoint"):
+            check_state_folder(options["stf_checkpoint"], "--stf-checkpoint")
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         calib = ctx.require_calibration()
