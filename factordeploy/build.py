@@ -21,8 +21,10 @@ STAGES: tuple[st.Stage, ...] = (
     st.load,             # model on its device, targeted linears, original size
     st.reference,        # quality of the ORIGINAL model, before anything changes it
     st.export_baseline,  # original ONNX (cached) for the latency comparison
+    st.teacher,          # --recover-steps: recovery data + the ORIGINAL's outputs on it
     st.calibrate,        # calibration windows, when the method uses them
     st.compress,         # the method replaces the targeted linears; sizes, per-layer records
+    st.recovery,         # --recover-steps: distil toward the original, merge adapters into the factors
     st.evaluate,         # quality of the compressed model vs the original's reference
     st.export,           # torch -> raw ONNX (custom ops as custom-domain nodes)
     st.ort_graph,        # passes -> model.onnx (standard ops, custom ops lowered)
@@ -31,6 +33,7 @@ STAGES: tuple[st.Stage, ...] = (
     st.verify_export,    # polygraphy: compressed torch vs model.onnx on real text
     st.quantize,         # --quantize int8: model.onnx becomes int8; checked and scored again
     st.latency,          # ONNX Runtime latency, original vs compressed
+    st.serving_files,    # config/tokenizer for other stacks; ORT-optimized graph kept only if smaller-or-equal and faster
     st.finish,           # artifacts, sizes on disk, versions
 )
 

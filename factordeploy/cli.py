@@ -17,6 +17,8 @@ from .models.registry import REGISTRY
 from .ops import all_ops
 from .passes.precision import PRECISIONS
 from .progress import set_quiet
+from .recover.adapters import ADAPTERS
+from .recover.stage import RecoveryConfig
 from .serve.generate import SamplingConfig, open_folder
 
 
@@ -79,6 +81,8 @@ def _op_lowering_options(f):
 @click.option("--calib", type=int, default=128, show_default=True, help="calibration samples")
 @click.option("--calib-len", type=int, default=128, show_default=True, help="tokens per calibration sample")
 @click.option("--calib-data", type=click.Path(), default=None, help="your own calibration text (.txt or .jsonl)")
+@click.option("--calib-cache", default=None, type=click.Path(),
+              help="folder where calibration statistics are kept and reused by later builds of the same model and --calib settings")
 @click.option("--targets", default="*", show_default=True, help="comma-separated glob patterns of linears to compress")
 @click.option("--no-eval", is_flag=True, help="skip the task-quality evaluation")
 @click.option("--no-baseline", is_flag=True, help="skip the original-model ONNX (no latency comparison)")
@@ -88,15 +92,36 @@ def _op_lowering_options(f):
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="compute precision of the TensorRT graph (model.onnx stays fp32)")
 @click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "triton"]), default="onnx", show_default=True,
+              help="triton: also write a Triton model repository into OUT/triton (see `deploy export-triton`)")
 @click.option("--quantize", type=click.Choice(list(QUANTIZE_MODES)), default="none", show_default=True,
               help="int8: ONNX Runtime dynamic int8 of model.onnx (every constant-weight MatMul, factors included); "
                    "export check and quality run on the int8 file")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
+@click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="recovery training steps after compression (distillation from the original model); 0 = off")
+@click.option("--adapter", type=click.Choice(list(ADAPTERS)), default="lora", show_default=True,
+              help="what recovery trains: adapters merged into every factor before export, or none = the factors themselves")
+@click.option("--adapter-rank", type=click.IntRange(min=1), default=8, show_default=True, help="adapter rank")
+@click.option("--adapter-dense", is_flag=True, help="also adapt linears left dense (never the LM head)")
+@click.option("--recover-lr", type=float, default=None,
+              help="recovery learning rate [default: adapters 1e-3 (decoder) / 2e-3 (encoder); none 1e-5 / 1e-4]")
+@click.option("--recover-batch", type=click.IntRange(min=1), default=4, show_default=True, help="windows per step")
+@click.option("--recover-data", default="generated", show_default=True,
+              help="generated (the teacher writes text, mixed with the calibration split), wiki, or a .txt/.jsonl FILE")
+@click.option("--recover-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="training windows of --calib-len tokens")
+@click.option("--recover-temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="distillation temperature (decoders)")
+@click.option("--recover-checkpoint", type=click.Path(), default=None,
+              help="folder for the resumable recovery checkpoint; rerunning the same command resumes from it")
 @_op_lowering_options
 @_method_options
-def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, quantize, trt_batch, trt_seq, **method_opts):
+def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
+          quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, recover_steps, adapter,
+          adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
+          recover_checkpoint, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     ort_lowering = {k[len("ort_op_"):]: method_opts.pop(k) for k in list(method_opts) if k.startswith("ort_op_")}
     set_quiet(quiet)
@@ -109,7 +134,11 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
                       sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq,
-                      quantize=quantize)
+                      quantize=quantize, calib_cache=calib_cache,
+                      recovery=RecoveryConfig(steps=recover_steps, adapter=adapter, rank=adapter_rank, lr=recover_lr,
+                                              batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
+                                              samples=recover_samples, seq_len=calib_len,
+                                              temperature=recover_temperature, include_dense=adapter_dense, seed=seed))
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "
@@ -126,6 +155,11 @@ def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data,
                    f"{x.layers} layers, built in {x.build_seconds:.1f} s; executed: {'yes' if x.executed else 'no'} ({x.reason})")
     elif e is not None:
         click.echo(f"backend: {e.backend} ({e.reason})")
+    if fmt == "triton":
+        from .cli_serving import echo_repository
+        from .serve.triton import write_repository
+
+        echo_repository(res.out / "triton", write_repository(res.out, r.to_dict(), res.out / "triton"))
     if not r.fidelity.passed or (q and not q["fidelity"]["passed"]):
         sys.exit(1)
 
@@ -180,6 +214,7 @@ def models() -> None:
     click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")
 
 
+<<<<<<< HEAD
 @main.command()
 @click.option("--arch", default="llama", show_default=True, help="architecture family (llama)")
 @click.option("--params", "size", default="20M", show_default=True, help="model size preset: tiny, 20M, 60M")
@@ -220,5 +255,16 @@ def pretrain(arch, size, param, tokens, out, seq_len, batch, lr, rank, alpha, de
                            "tokens": res.tokens, "perplexity": res.perplexity}))
 
 
+=======
+def _add_folder_commands() -> None:
+    from .cli_serving import COMMANDS
+
+    for cmd in COMMANDS:
+        main.add_command(cmd)
+
+
+_add_folder_commands()
+
+>>>>>>> main
 if __name__ == "__main__":  # pragma: no cover
     main()

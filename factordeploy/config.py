@@ -23,6 +23,7 @@ from .engines.trt_module import BACKENDS, FULL, RTX, require
 from .errors import UserError
 from .passes.custom_ops import check_policies
 from .passes.precision import PRECISIONS
+from .recover.stage import RecoveryConfig, check_recovery_config
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,11 @@ class BuildConfig:
     sparse_weights: bool = False
     quantize: str = "none"  # none | int8: ONNX Runtime dynamic int8 of model.onnx (engines/quantize.py)
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
+    calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
+    # Recovery stage (recover/): distillation after compression, before export; steps 0 = off
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
     @property
     def engine(self) -> EngineConfig:
@@ -77,6 +81,7 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
     get_method(cfg.method)
+    check_recovery_config(cfg.recovery)
     check_policies(cfg.ort_lowering)
     check_mode(cfg.quantize)
     check_engine_config(cfg)

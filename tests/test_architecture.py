@@ -17,18 +17,21 @@ LAYERS: list[tuple[str, ...]] = [
     ("__init__", "errors", "progress"),  # leaves: no factordeploy imports
     ("ops",),                            # custom ops: spec, body, emit, one package per op
     ("models",),
+    ("train",),                          # the one training loop (generic: loss and data plugged in)
     ("compress",),
+    ("recover",),                        # recovery stage: distillation + adapters merged into factors
     ("export",),
     ("passes",),
     ("plugins",),
     ("engines",),
-    ("serve",),                          # generation runtime over engines (step runners)
+    ("serve",),                          # generation runtime, files for other stacks, Triton repository, folder reading
     ("verify",),
     ("report", "config"),                # typed report; BuildConfig + input checks
     ("stages",),                         # the build's stage functions over BuildState
     ("build", "pipeline"),               # the stage list for `deploy build`; the benchmarks' use of it
     ("pretrain",),                       # pretraining from scratch (models, compress layers, train loop)
-    ("cli",),
+    ("sweep",),                          # runs builds
+    ("cli", "cli_serving"),
 ]
 RANK = {name: i for i, row in enumerate(LAYERS) for name in row}
 

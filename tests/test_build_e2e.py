@@ -25,8 +25,14 @@ def minilm_build(tmp_path_factory):
 
 def test_artifacts_and_no_leftovers(minilm_build):
     out, rep = minilm_build
-    for f in ("model.onnx", "model.ort-optimized.onnx", "baseline.onnx", "report.json", "report.md"):
+    for f in ("model.onnx", "baseline.onnx", "report.json", "report.md", "config.json", "tokenizer.json",
+              "tokenizer_config.json"):
         assert (out / f).is_file(), f
+    opt = rep["serving"]["ort_optimized"]
+    assert (out / "model.ort-optimized.onnx").is_file() == opt["kept"], opt
+    assert opt["kept"] == ("ort_optimized" in rep["artifacts"])
+    if opt["kept"]:
+        assert opt["optimized_bytes"] <= opt["model_bytes"] and opt["optimized_ms"] < opt["model_ms"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     md = (out / "report.md").read_text()
     assert "PASSED" in md and "Latency" in md and "polarity" in md

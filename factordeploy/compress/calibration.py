@@ -14,7 +14,11 @@ of that model (the benchmark relies on this to collect them once).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -45,6 +49,37 @@ class Calibration:
         self._grams: dict[str, torch.Tensor] = {}
         self.cache: dict[str, Any] = {}  # derived statistics (Fisher, reference embeddings), see fisher.py
         self.tokens_seen = 0
+        self._store: Path | None = None
+        self._loaded_from_store: tuple[int, int] = (0, 0)  # (grams, cache entries) read from the store
+
+    # -- persistent statistics, so separate builds of one model (a sweep's cells) collect them once --
+
+    def store_key(self) -> str:
+        """Identity of these statistics: the original model (source + weight files) and the calibration config."""
+        src = Path(self.loaded.source)
+        files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in src.glob("*")
+                       if p.suffix in (".safetensors", ".bin", ".gguf", ".json")) if src.is_dir() else []
+        ident = {"model": self.loaded.name, "source": str(src), "files": files,
+                 "config": {k: v for k, v in asdict(self.config).items() if k != "batch_size"},
+                 "batch_size": self.config.batch_size}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+    def attach_store(self, folder: str | Path) -> None:
+        """Read statistics saved by an earlier build with the same key; `save_store` adds new ones."""
+        self._store = Path(folder) / f"calib-{self.store_key()}.pt"
+        if self._store.is_file():
+            saved = torch.load(self._store, map_location="cpu", weights_only=False)
+            self._grams.update(saved["grams"])
+            self.cache.update(saved["cache"])
+            self._loaded_from_store = (len(saved["grams"]), len(saved["cache"]))
+
+    def save_store(self) -> None:
+        if self._store is None or (len(self._grams), len(self.cache)) == self._loaded_from_store:
+            return
+        self._store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._store.with_name(self._store.name + f".tmp{os.getpid()}")
+        torch.save({"grams": self._grams, "cache": self.cache}, tmp)
+        os.replace(tmp, self._store)
 
     def source(self) -> str:
         return self.config.text_file or f"gensim {textmod.WIKI_FILE} (calibration split: article i % {textmod.EVAL_EVERY} != {textmod.EVAL_EVERY - 1})"
@@ -112,4 +147,7 @@ class Calibration:
     def describe(self) -> dict:
         d = asdict(self.config)
         d["source"] = self.source()
+        if self._store is not None:
+            d["stats_store"] = {"file": str(self._store), "grams_reused": self._loaded_from_store[0],
+                                "cache_entries_reused": self._loaded_from_store[1]}
         return d

@@ -88,3 +88,21 @@ def measure_latency(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], ru
     b, s = next(iter(feeds.values())).shape
     return Latency(int(b), int(s), round(statistics.median(times), 3),
                    round(times[min(len(times) - 1, int(0.9 * len(times)))], 3), len(times))
+
+
+def interleaved_latency(paths: list[str | Path], batch: int, seq: int, vocab: int, rounds: int = 10,
+                        runs_per_round: int = 3, threads: int = 0) -> list[float]:
+    """Latency (ms) of several models measured in alternation: the median over rounds of each round's median.
+
+    On a shared CPU a neighbour's load comes and goes; alternating short rounds spreads it over
+    all models alike, so the figures are comparable with each other. The median over rounds was
+    steadier than the best round (measured on MiniLM under load: two files of identical compute
+    stayed within 5% of each other across repeats, the best round differed by up to 2x).
+    """
+    sessions = [session(p, threads=threads) for p in paths]
+    feeds = [session_feeds(sess, batch, seq, vocab) for sess in sessions]  # same seed: same tokens for all
+    per_round: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, sess in enumerate(sessions):
+            per_round[i].append(measure_latency(sess, feeds[i], runs_per_round, warmup=1).median_ms)
+    return [round(statistics.median(r), 3) for r in per_round]

@@ -91,6 +91,24 @@ def domain_texts(name: str) -> list[str]:
     raise UserError(f"unknown text domain '{name}'", "use one of " + ", ".join(DOMAINS))
 
 
+def selection_texts() -> list[str]:
+    """Held-out text for choosing the best state during training (recovery's periodic evaluation):
+    the second half of the pydoc topics. A domain no training data comes from, and disjoint from
+    the reported pydoc evaluation, which reads the first ~6k tokens of the first topics (the first
+    half alone holds ~50k tokens); news is never seen by any step at all."""
+    topics = pydoc_articles()
+    return list(topics[len(topics) // 2:])
+
+
+def reported_texts(name: str) -> list[str]:
+    """The documents a quality table reads for domain `name` (pydoc: the first half of the topics,
+    so model selection on `selection_texts()` never sees them)."""
+    if name == "pydoc":
+        topics = pydoc_articles()
+        return list(topics[: len(topics) // 2])
+    return domain_texts(name)
+
+
 def sentences(articles: list[str], min_words: int = 6, max_words: int = 60) -> list[str]:
     """Split articles into sentences of reasonable length (for encoder inputs)."""
     out = []

@@ -96,10 +96,16 @@ def perplexity(loaded: LoadedModel, model: nn.Module, cfg: EvalConfig, device: s
     need = cfg.ppl_windows * cfg.ppl_len
     if len(stream) < need:
         raise ValueError(f"evaluation text has {len(stream)} tokens, need {need}")
+    windows = [stream[w * cfg.ppl_len:(w + 1) * cfg.ppl_len] for w in range(cfg.ppl_windows)]
+    return window_perplexity(loaded, model, windows, device)
+
+
+def window_perplexity(loaded: LoadedModel, model: nn.Module, windows: list[list[int]], device: str = "cpu") -> float:
+    """exp(mean next-token NLL) of `model` (torch, or engines.ort_model.OrtModel) over token windows."""
     nll, count = 0.0, 0
     with torch.no_grad():
-        for w in track(range(cfg.ppl_windows), "perplexity"):
-            ids = torch.tensor([stream[w * cfg.ppl_len:(w + 1) * cfg.ppl_len]], device=device)
+        for w in track(windows, "perplexity"):
+            ids = torch.tensor([w], device=device)
             logits = loaded.output(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).float()
             loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
             nll += float(loss)
@@ -130,3 +136,41 @@ class QualityProbe:
         ppl = perplexity(self.loaded, model, self.cfg, self.device)
         return {"perplexity": round(ppl, 4), "perplexity_original": self.reference["perplexity"],
                 "windows": self.cfg.ppl_windows, "window_len": self.cfg.ppl_len}
+
+
+class DomainProbe:
+    """Quality on every text domain (models/text.DOMAINS): wiki in domain, news and pydoc out of domain.
+
+    Decoders: perplexity over `ppl_windows` x `ppl_len` tokens of each domain's reported text;
+    encoders: mean cosine of sentence embeddings to the original's on `sentences` sentences of
+    each domain. References from the ORIGINAL model are captured once.
+    """
+
+    def __init__(self, loaded: LoadedModel, cfg: EvalConfig | None = None, device: str = "cpu",
+                 domains: tuple[str, ...] = textmod.DOMAINS) -> None:
+        self.loaded, self.cfg, self.device, self.domains = loaded, cfg or EvalConfig(), device, domains
+        self.reference: dict[str, float] = {}
+        self._emb: dict[str, torch.Tensor] = {}
+
+    def _sentences(self, domain: str) -> list[str]:
+        return textmod.sentences(textmod.reported_texts(domain))[: self.cfg.sentences]
+
+    def _score(self, model: nn.Module) -> dict[str, float]:
+        out = {}
+        for d in self.domains:
+            if self.loaded.kind == "decoder":
+                out[d] = round(perplexity(self.loaded, model, self.cfg, self.device, textmod.reported_texts(d)), 4)
+            else:
+                e = embed(self.loaded, model, self._sentences(d), self.cfg, self.device)
+                if d not in self._emb:
+                    self._emb[d] = e
+                out[d] = round(float((e * self._emb[d]).sum(-1).mean()), 5)
+        return out
+
+    def capture_original(self, model: nn.Module) -> dict[str, float]:
+        self.reference = self._score(model)
+        return self.reference
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        """Decoders: perplexity per domain; encoders: mean embedding cosine to the original per domain."""
+        return self._score(model)

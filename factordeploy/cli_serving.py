@@ -1,0 +1,123 @@
+"""`deploy inspect`, `deploy verify`, `deploy export-triton`, `deploy sweep`: commands on build folders.
+
+Defined here (cli.py adds them to the `deploy` group) so the build command and these grow apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import UserError
+
+
+@click.command("inspect")
+@click.argument("folder", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def inspect_cmd(folder: str, as_json: bool) -> None:
+    """Summarize one build FOLDER: layers, bytes, ranks, files and the checks it ran."""
+    from .serve.folder import open_build_folder
+    from .serve.inspect import render, summarize
+
+    s = summarize(open_build_folder(folder))
+    click.echo(json.dumps(s, indent=2, default=str) if as_json else render(s))
+    if not s["graph"]["consistent"]:
+        sys.exit(1)
+
+
+@click.command("verify")
+@click.argument("folder", type=click.Path())
+@click.option("--domain", type=click.Choice(["wiki", "news", "pydoc"]), default="wiki", show_default=True,
+              help="text to check on: wiki (held-out, in domain), news or pydoc (out of domain)")
+@click.option("--seed", type=int, default=1, show_default=True, help="which inputs to draw (the build used its own)")
+@click.option("--samples", type=int, default=None, help="sentences (encoders, default 128) or windows (decoders, default 4)")
+@click.option("--tolerance", type=float, default=0.05, show_default=True,
+              help="allowed drop against the build's recorded quality (cosine) / relative perplexity-ratio rise")
+@click.option("--min-cosine", type=float, default=None, help="encoders: fixed threshold instead of the recorded figure")
+@click.option("--max-ppl-ratio", type=float, default=None, help="decoders: fixed threshold instead of the recorded figure")
+@click.option("--original", default=None, help="the original model (registry name or folder) if the report's source moved")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--quiet", is_flag=True, help="no progress output")
+def verify_cmd(folder, domain, seed, samples, tolerance, min_cosine, max_ppl_ratio, original, as_json, quiet) -> None:
+    """Re-check an existing build FOLDER on new inputs; exits 1 when a check fails."""
+    from .progress import set_quiet
+    from .serve.folder import open_build_folder
+    from .verify.folder_check import VerifyConfig, render, verify_folder
+    from .verify.domains import DomainSample
+
+    set_quiet(quiet)
+    if samples is not None and samples < 1:
+        raise UserError("--samples must be >= 1", "pass e.g. --samples 64")
+    bf = open_build_folder(folder)
+    kind = bf.report["model"]["kind"]
+    sample = DomainSample(domain=domain, seed=seed)
+    if samples is not None:
+        sample = DomainSample(domain=domain, seed=seed, **({"sentences": samples} if kind == "encoder" else {"windows": samples}))
+    res = verify_folder(bf, VerifyConfig(sample, tolerance, min_cosine, max_ppl_ratio, original))
+    click.echo(json.dumps(res, indent=2) if as_json else render(res))
+    if not res["passed"]:
+        sys.exit(1)
+
+
+@click.command("export-triton")
+@click.argument("folder", type=click.Path())
+@click.option("--out", default=None, help="repository folder [default: FOLDER/triton]")
+@click.option("--name", default=None, help="Triton model name [default: <model>_<method>_r<ratio>]")
+@click.option("--max-batch", type=int, default=32, show_default=True, help="max_batch_size (0: no batching)")
+def export_triton_cmd(folder: str, out: str | None, name: str | None, max_batch: int) -> None:
+    """Write a Triton Inference Server model repository from a build FOLDER (validated with Triton's schema)."""
+    from pathlib import Path
+
+    from .serve.folder import open_build_folder
+    from .serve.triton import write_repository
+
+    if max_batch < 0:
+        raise UserError("--max-batch must be >= 0", "pass e.g. --max-batch 32, or 0 for no batching")
+    bf = open_build_folder(folder)
+    repo = Path(out) if out else bf.path / "triton"
+    echo_repository(repo, write_repository(bf.path, bf.report, repo, name=name, max_batch=max_batch))
+
+
+def echo_repository(repo, manifest: dict) -> None:
+    for m in manifest["models"]:
+        click.echo(f"triton model {repo}/{m['name']} ({m['platform']}, max_batch_size {m['max_batch_size']}, "
+                   f"{len(m['inputs'])} inputs, {len(m['outputs'])} outputs)")
+    click.echo(f"tensorrt_plan: {manifest['tensorrt_plan']}")
+    click.echo(f"validated {len(manifest['validated'])} config.pbtxt with {manifest['validated_with']}")
+
+
+@click.command("sweep")
+@click.option("--model", default="minilm", show_default=True, help="registry name or local HF folder")
+@click.option("--methods", default="svd,svd-whiten,cospadi", show_default=True, help="comma-separated methods")
+@click.option("--ratios", default="0.35,0.5", show_default=True, help="comma-separated ratios")
+@click.option("--out", required=True, help="sweep folder (re-running resumes: finished cells are kept)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib", type=int, default=128, show_default=True, help="calibration samples (shared by all cells)")
+@click.option("--calib-len", type=int, default=128, show_default=True, help="tokens per calibration sample")
+@click.option("--backend", type=click.Choice(["auto", "trt", "trt-rtx", "ort"]), default="ort", show_default=True)
+@click.option("--quiet", is_flag=True, help="no progress output")
+def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, backend, quiet) -> None:
+    """Build every METHOD x RATIO cell of MODEL; write a table (Markdown + JSON) and Pareto plots (PNG)."""
+    from .compress.calibration import CalibrationConfig
+    from .progress import set_quiet
+    from .sweep import SweepConfig, run_sweep
+
+    set_quiet(quiet)
+    try:
+        rs = tuple(float(r) for r in ratios.split(",") if r.strip())
+    except ValueError as e:
+        raise UserError(f"--ratios '{ratios}' is not a comma-separated list of numbers", "pass e.g. --ratios 0.35,0.5") from e
+    ms = tuple(m.strip() for m in methods.split(",") if m.strip())
+    if not ms or not rs:
+        raise UserError("--methods and --ratios need at least one entry each", "pass e.g. --methods svd --ratios 0.5")
+    if calib < 1 or calib_len < 8:
+        raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
+    res = run_sweep(SweepConfig(model=model, methods=ms, ratios=rs, out=out, seed=seed, backend=backend,
+                                calib=CalibrationConfig(n=calib, length=calib_len, seed=seed)))
+    click.echo(f"sweep {out}: {len(res.rows)} cells ({res.built} built now, {res.reused} reused); "
+               f"table {res.table_md}; plots {', '.join(str(p) for p in res.plots)}")
+
+
+COMMANDS = (inspect_cmd, verify_cmd, export_triton_cmd, sweep_cmd)

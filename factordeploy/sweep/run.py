@@ -1,0 +1,207 @@
+"""Run the cells of a sweep, resumably, and score each built model.onnx on three text domains.
+
+OUT/cells/<method>_r<ratio>/ is a normal build folder; OUT/cells/<method>_r<ratio>.json is the
+cell's row (config, figures from the build's report, domain quality), written atomically after
+the cell is scored. A re-run keeps every cell whose row matches the requested config, re-scores a
+finished build folder whose row is missing, and builds the rest. Calibration statistics (Gram
+matrices, Fisher, reference embeddings) are stored in OUT/calib-cache keyed by model + calibration
+config, so they are collected once per model for all cells (build.BuildConfig.calib_cache).
+
+Quality per cell is measured on model.onnx (the served artifact, through ONNX Runtime) against
+the ORIGINAL model on wiki (held-out, in domain) and news / pydoc (out of domain: never
+calibrated on), with the same inputs for every cell (verify.domains).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..build import BuildConfig, run_build
+from ..compress.base import get_method
+from ..compress.calibration import CalibrationConfig
+from ..engines import ort as ortmod
+from ..errors import UserError
+from ..models.registry import LoadedModel, load_model
+from ..models.text import DOMAINS
+from ..progress import log
+from ..verify.domains import DomainSample, decoder_agreement, encoder_agreement
+from ..engines.ort_model import OrtModel
+
+
+@dataclass
+class SweepConfig:
+    model: str = "minilm"
+    methods: tuple[str, ...] = ("svd", "svd-whiten", "cospadi")
+    ratios: tuple[float, ...] = (0.35, 0.5)
+    out: str = "build/sweep"
+    seed: int = 0
+    backend: str = "ort"
+    calib: CalibrationConfig = field(default_factory=CalibrationConfig)
+    domains: tuple[str, ...] = DOMAINS
+    sample: DomainSample = field(default_factory=DomainSample)
+    latency_runs: int = 20  # each build's own latency stage
+    latency_rounds: int = 10  # the sweep's interleaved measurement of all cells (what the plots use)
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    original: dict
+    table_md: Path
+    table_json: Path
+    plots: list[Path]
+    built: int = 0
+    reused: int = 0
+
+
+def cell_name(method: str, ratio: float) -> str:
+    return f"{method}_r{ratio:g}"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class DomainScorer:
+    """The original model and its outputs on each domain's inputs, computed once for all cells."""
+
+    def __init__(self, loaded: LoadedModel, cfg: SweepConfig) -> None:
+        self.loaded, self.cfg = loaded, cfg
+        self._ref: dict[str, object] = {}
+
+    def sample(self, domain: str) -> DomainSample:
+        s = self.cfg.sample
+        return DomainSample(domain, s.seed, s.sentences, s.windows, s.window_len, s.max_len)
+
+    def score(self, model) -> dict[str, dict]:
+        out = {}
+        for d in self.cfg.domains:
+            if self.loaded.kind == "encoder":
+                out[d], self._ref[d] = encoder_agreement(self.loaded, self.loaded.model, model, self.sample(d),
+                                                         self._ref.get(d))
+            else:
+                out[d] = decoder_agreement(self.loaded, self.loaded.model, model, self.sample(d), self._ref.get(d))
+                self._ref[d] = out[d]["perplexity_original"]
+        return out
+
+
+def row_from_report(rep: dict, folder: Path) -> dict:
+    p1 = next((p for p in rep["latency"]["points"] if p["batch"] == 1), rep["latency"]["points"][0])
+    q = (rep.get("quality") or {}).get("compressed") or {}
+    return {
+        "targeted_reduction": rep["size"]["targeted_reduction"],
+        "weights_mb": rep["size"]["bytes_after"] / 1e6,
+        "onnx_mb": os.path.getsize(folder / "model.onnx") / 1e6,
+        "build_latency_ms": p1["compressed"]["median_ms"], "latency_point": f"{p1['batch']}x{p1['seq']}",
+        "build_original_latency_ms": p1.get("original", {}).get("median_ms"),
+        "export_check": rep["fidelity"]["passed"],
+        "polarity_accuracy": q.get("polarity_accuracy"),
+        "polarity_accuracy_original": q.get("polarity_accuracy_original"),
+        "build_s": rep["timings_s"].get("total"),
+        "calibration_reused": ((rep.get("calibration") or {}).get("stats_store") or {}).get("grams_reused", 0),
+        "custom_op_lowering": next(({op: {h: n for h, n in d.items() if isinstance(n, int)} for op, d in p["ops"].items()}
+                                    for p in rep.get("passes", []) if p["pass"] == "lower-custom-ops" and p.get("ops")), None),
+        # layers model.onnx stores refolded to a dense matrix (fast on CPU, no bytes saved in that file)
+        "refolded_layers": sum(d.get(h, 0) for p in rep.get("passes", []) if p["pass"] == "lower-custom-ops"
+                               for d in (p.get("ops") or {}).values() for h in d.get("refolding", [])),
+    }
+
+
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    for m in cfg.methods:
+        get_method(m)
+    for r in cfg.ratios:
+        if not 0 < r < 1:
+            raise UserError(f"ratio {r} is outside (0, 1)", "pass e.g. --ratios 0.35,0.5")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(cfg.model)
+    scorer = DomainScorer(loaded, cfg)
+    rows, built, reused = [], 0, 0
+    cells = [(m, r) for m in cfg.methods for r in cfg.ratios]
+    for i, (method, ratio) in enumerate(cells, 1):
+        name = cell_name(method, ratio)
+        folder, row_path = cells_dir / name, cells_dir / f"{name}.json"
+        want = {"model": cfg.model, "method": method, "ratio": ratio, "seed": cfg.seed, "backend": cfg.backend,
+                "calib": asdict(cfg.calib), "sample": asdict(cfg.sample), "domains": list(cfg.domains)}
+        if row_path.is_file():
+            row = json.loads(row_path.read_text())
+            if row.get("config") == want and (folder / "report.json").is_file():
+                log(f"cell {i}/{len(cells)} {name}: finished earlier, kept")
+                rows.append(row)
+                reused += 1
+                continue
+        rep_path = folder / "report.json"
+        rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
+        same_build = rep is not None and rep["method"]["name"] == method and rep["method"]["ratio"] == ratio
+        if not same_build:
+            log(f"cell {i}/{len(cells)} {name}: building")
+            rep = run_build(BuildConfig(model=cfg.model, method=method, ratio=ratio, out=str(folder), seed=cfg.seed,
+                                        calib=cfg.calib, backend=cfg.backend, calib_cache=str(out / "calib-cache"),
+                                        latency_points=((1, 128),), latency_runs=cfg.latency_runs)).report.to_dict()
+            built += 1
+        else:
+            log(f"cell {i}/{len(cells)} {name}: build folder finished earlier, scoring it")
+            reused += 1
+        log(f"cell {i}/{len(cells)} {name}: quality of model.onnx on {', '.join(cfg.domains)}")
+        row = {"config": want, "cell": name, "method": method, "ratio": ratio, **row_from_report(rep, folder),
+               "quality": scorer.score(OrtModel(folder / "model.onnx"))}
+        _write_json(row_path, row)
+        rows.append(row)
+
+    original = original_row(loaded, rows, out)
+    measure_latencies(loaded, rows, original, out, cfg)
+    from .pareto import write_plots
+    from .table import write_tables
+
+    md, js = write_tables(cfg, rows, original, out)
+    plots = write_plots(cfg, loaded.kind, rows, original, out)
+    return SweepResult(rows, original, md, js, plots, built, reused)
+
+
+def _baseline(rows: list[dict], out: Path) -> Path | None:
+    return next((out / "cells" / r["cell"] / "baseline.onnx" for r in rows
+                 if (out / "cells" / r["cell"] / "baseline.onnx").is_file()), None)
+
+
+def measure_latencies(loaded: LoadedModel, rows: list[dict], original: dict, out: Path, cfg: SweepConfig) -> None:
+    """Every cell's model.onnx and the original, measured together in alternation on one ORT thread.
+
+    Each build measured its own latency at its own time; on a shared CPU those figures are not
+    comparable across cells (other jobs come and go). The plots use these instead.
+    """
+    base = _baseline(rows, out)
+    paths = [out / "cells" / r["cell"] / "model.onnx" for r in rows] + ([base] if base else [])
+    log(f"latency of {len(paths)} models, interleaved (ONNX Runtime, 1 thread, batch 1 x 128)")
+    vocab = int(getattr(loaded.model.config, "vocab_size", 1000))
+    ms = ortmod.interleaved_latency(paths, 1, 128, vocab, rounds=cfg.latency_rounds, runs_per_round=3, threads=1)
+    for r, m in zip(rows, ms):
+        r["latency_ms"] = m
+    original["latency_ms"] = ms[-1] if base else None
+    for r in [*rows, original]:
+        r["latency_point"] = "1x128, 1 thread"
+
+
+def original_row(loaded: LoadedModel, rows: list[dict], out: Path) -> dict:
+    """The uncompressed model as a reference point (same metrics)."""
+    from ..stages import model_bytes
+
+    base = _baseline(rows, out)
+    q = {}
+    for r in rows[:1]:
+        for d, v in r["quality"].items():
+            q[d] = ({"cosine_mean": 1.0, "cosine_min": 1.0} if loaded.kind == "encoder"
+                    else {"perplexity": v["perplexity_original"], "perplexity_ratio": 1.0})
+    return {"cell": "original", "method": "original", "ratio": 0.0, "targeted_reduction": 0.0,
+            "weights_mb": model_bytes(loaded.model)[1] / 1e6,
+            "onnx_mb": os.path.getsize(base) / 1e6 if base else None,
+            "quality": q, "export_check": None,
+            "polarity_accuracy": next((r.get("polarity_accuracy_original") for r in rows), None)}

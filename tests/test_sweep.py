@@ -1,0 +1,74 @@
+"""`deploy sweep` on a tiny encoder: cells, resume, shared calibration statistics, table and plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from factordeploy.compress.calibration import CalibrationConfig
+from factordeploy.errors import UserError
+from factordeploy.sweep import SweepConfig, run_sweep
+from factordeploy.sweep.pareto import frontier
+from factordeploy.verify.domains import DomainSample
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _cfg(model, out, methods, ratios):
+    return SweepConfig(model=str(model), methods=methods, ratios=ratios, out=str(out),
+                       calib=CalibrationConfig(n=8, length=32, seed=0), sample=DomainSample(sentences=16),
+                       latency_runs=3, latency_rounds=1)
+
+
+def test_frontier():
+    pts = [(1.0, 0.5, "a"), (2.0, 0.9, "b"), (2.5, 0.8, "c"), (3.0, 1.0, "d"), (1.0, 0.4, "e")]
+    assert [p[2] for p in frontier(pts, higher_is_better=True)] == ["a", "b", "d"]
+    ppl = [(1.0, 30.0, "a"), (2.0, 20.0, "b"), (2.0, 25.0, "c")]
+    assert [p[2] for p in frontier(ppl, higher_is_better=False)] == ["a", "b"]
+
+
+def test_sweep_builds_resumes_and_shares_calibration(tiny_bert_dir, tmp_path):
+    out = tmp_path / "sweep"
+    res = run_sweep(_cfg(tiny_bert_dir, out, ("svd", "svd-whiten"), (0.5,)))
+    assert (res.built, res.reused) == (2, 0)
+    data = json.loads((out / "sweep.json").read_text())
+    assert [r["cell"] for r in data["rows"]] == ["svd_r0.5", "svd-whiten_r0.5"]
+    for r in data["rows"]:
+        assert set(r["quality"]) == {"wiki", "news", "pydoc"}
+        assert all(0.5 < q["cosine_mean"] <= 1.0 and q["sentences"] == 16 for q in r["quality"].values())
+        assert r["export_check"] and r["onnx_mb"] < data["original"]["onnx_mb"]
+        assert r["latency_ms"] > 0 and r["build_latency_ms"] > 0
+    assert data["original"]["latency_ms"] > 0
+    md = (out / "sweep.md").read_text()
+    assert "| svd-whiten | 0.50 |" in md and "news (out)" in md and "wiki (in)" in md
+    for p in res.plots:
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 10_000
+    store = list((out / "calib-cache").glob("calib-*.pt"))
+    assert len(store) == 1
+
+    # same request again: nothing is rebuilt, figures unchanged
+    mtime = (out / "cells" / "svd_r0.5" / "model.onnx").stat().st_mtime
+    again = run_sweep(_cfg(tiny_bert_dir, out, ("svd", "svd-whiten"), (0.5,)))
+    assert (again.built, again.reused) == (0, 2)
+    assert (out / "cells" / "svd_r0.5" / "model.onnx").stat().st_mtime == mtime
+    assert [r["quality"] for r in again.rows] == [r["quality"] for r in data["rows"]]
+
+    # a cell killed after its build but before scoring is scored, not rebuilt; a new ratio reuses the statistics
+    (out / "cells" / "svd_r0.5.json").unlink()
+    more = run_sweep(_cfg(tiny_bert_dir, out, ("svd", "svd-whiten"), (0.5, 0.35)))
+    assert (more.built, more.reused) == (2, 2) and len(more.rows) == 4  # svd_r0.5 re-scored, not rebuilt
+    rep = json.loads((out / "cells" / "svd-whiten_r0.35" / "report.json").read_text())
+    assert rep["calibration"]["stats_store"]["grams_reused"] > 0
+    new = next(r for r in more.rows if r["cell"] == "svd-whiten_r0.35")
+    assert new["calibration_reused"] > 0 and new["targeted_reduction"] < 0.5
+
+
+def test_sweep_rejects_bad_input(tiny_bert_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown method"):
+        run_sweep(_cfg(tiny_bert_dir, tmp_path / "s", ("nope",), (0.5,)))
+    with pytest.raises(UserError, match="outside"):
+        run_sweep(_cfg(tiny_bert_dir, tmp_path / "s", ("svd",), (1.5,)))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        run_sweep(_cfg(tiny_bert_dir, tmp_path / "file", ("svd",), (0.5,)))
