@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ from .errors import UserError
 from .models.registry import REGISTRY
 from .ops import all_ops
 from .passes.precision import PRECISIONS
+from .pretrain import PretrainConfig, run_pretrain
 from .progress import set_quiet
 from .recover.adapters import ADAPTERS
 from .recover.stage import RecoveryConfig
@@ -214,7 +216,6 @@ def models() -> None:
     click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")
 
 
-<<<<<<< HEAD
 @main.command()
 @click.option("--arch", default="llama", show_default=True, help="architecture family (llama)")
 @click.option("--params", "size", default="20M", show_default=True, help="model size preset: tiny, 20M, 60M")
@@ -241,11 +242,6 @@ def models() -> None:
 def pretrain(arch, size, param, tokens, out, seq_len, batch, lr, rank, alpha, delta, gamma, eval_windows, eval_every,
              checkpoint, device, seed, quiet) -> None:
     """Pretrain a small LLaMA from scratch (dense / low-rank / SLTrain / LOST) into a HF folder."""
-    import json
-
-    from .pretrain import PretrainConfig, run_pretrain
-    from .progress import set_quiet
-
     set_quiet(quiet)
     res = run_pretrain(PretrainConfig(out=out, arch=arch, params=size, param=param, tokens=tokens, seq_len=seq_len,
                                       batch=batch, lr=lr, rank=rank, alpha=alpha, delta=delta, gamma=gamma,
@@ -255,7 +251,6 @@ def pretrain(arch, size, param, tokens, out, seq_len, batch, lr, rank, alpha, de
                            "tokens": res.tokens, "perplexity": res.perplexity}))
 
 
-=======
 def _add_folder_commands() -> None:
     from .cli_serving import COMMANDS
 
@@ -265,6 +260,5 @@ def _add_folder_commands() -> None:
 
 _add_folder_commands()
 
->>>>>>> main
 if __name__ == "__main__":  # pragma: no cover
     main()
