@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -17,6 +18,7 @@ from .interrupts import Interrupted, signals_as_exceptions
 from .models.registry import REGISTRY
 from .ops import all_ops
 from .passes.precision import PRECISIONS
+from .pretrain import PretrainConfig, run_pretrain
 from .progress import set_quiet
 from .recover.adapters import ADAPTERS
 from .recover.stage import RecoveryConfig
@@ -226,6 +228,41 @@ def models() -> None:
     for name, (desc, _) in REGISTRY.items():
         click.echo(f"{name.ljust(8)}  {desc}")
     click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")
+
+
+@main.command()
+@click.option("--arch", default="llama", show_default=True, help="architecture family (llama)")
+@click.option("--params", "size", default="20M", show_default=True, help="model size preset: tiny, 20M, 60M")
+@click.option("--param", "param", type=click.Choice(["dense", "lowrank", "sltrain", "lost"]), default="dense",
+              show_default=True, help="weight parametrisation of the attention/MLP linears")
+@click.option("--tokens", type=click.IntRange(min=1), default=200_000, show_default=True, help="training tokens")
+@click.option("--out", required=True, help="folder for the trained Hugging Face model (must not exist or be empty)")
+@click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="AdamW peak lr (default: 3e-3 for sltrain as in its paper, 1e-3 otherwise)")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="r of the factorized forms (default: the preset's, d/4)")
+@click.option("--alpha", type=float, default=32.0, show_default=True, help="SLTrain's alpha (low-rank scale alpha/r)")
+@click.option("--delta", type=float, default=0.03, show_default=True,
+              help="SLTrain's density of S; LOST's channel fraction")
+@click.option("--gamma", type=float, default=0.5, show_default=True, help="LOST's mixing weight")
+@click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,
+              help="held-out windows per domain (wiki, news, pydoc)")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, help="steps between held-out evaluations (0: ~8 per run)")
+@click.option("--checkpoint", default=None, help="folder for the loop's checkpoint; rerunning resumes from it")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def pretrain(arch, size, param, tokens, out, seq_len, batch, lr, rank, alpha, delta, gamma, eval_windows, eval_every,
+             checkpoint, device, seed, quiet) -> None:
+    """Pretrain a small LLaMA from scratch (dense / low-rank / SLTrain / LOST) into a HF folder."""
+    set_quiet(quiet)
+    res = run_pretrain(PretrainConfig(out=out, arch=arch, params=size, param=param, tokens=tokens, seq_len=seq_len,
+                                      batch=batch, lr=lr, rank=rank, alpha=alpha, delta=delta, gamma=gamma,
+                                      eval_windows=eval_windows, eval_every=eval_every, seed=seed, device=device,
+                                      checkpoint=checkpoint))
+    click.echo(json.dumps({"out": out, "param": param, "params": res.model_params, "steps": res.steps,
+                           "tokens": res.tokens, "perplexity": res.perplexity}))
 
 
 def _add_folder_commands() -> None:

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("report", "config"),                # typed report; BuildConfig + input checks
     ("stages",),                         # the build's stage functions over BuildState
     ("build", "pipeline"),               # the stage list for `deploy build`; the benchmarks' use of it
+    ("pretrain",),                       # pretraining from scratch (models, compress layers, train loop)
     ("sweep",),                          # runs builds
     ("cli", "cli_serving"),
 ]
