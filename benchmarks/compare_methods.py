@@ -32,8 +32,7 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("svd + welore alloc", "svd", {"allocation": "welore"}),
     ("svd-whiten + welore alloc", "svd-whiten", {"allocation": "welore"}),
     ("fwsvd + welore alloc", "fwsvd", {"allocation": "welore"}),
-    ("welore + finetune", "welore", {"finetune_steps": 100}),
-    ("svd-whiten + finetune", "svd-whiten", {"finetune_steps": 100}),
+    # Training after compression (the old "+ finetune" rows) is the recovery stage: benchmarks/recovery.py.
     # 2:4 (issue 6): sparse24 removes a fixed 46.875% of fp32 bytes whatever --ratio says; compare at
     # equal stored bytes with --ratios 0.46875 (svd / dsformer then store the same bytes).
     ("sparse24 magnitude", "sparse24", {"score": "magnitude"}),
@@ -105,14 +104,13 @@ def previous_rows(path: Path, calibration: dict) -> list[dict]:
 @click.option("--calib", type=int, default=64, show_default=True)
 @click.option("--calib-len", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--finetune-steps", type=int, default=None, help="override the steps of finetune variants")
 @click.option("--out", default=None, help="JSON path, {model} is replaced [default: benchmarks/results/compare_methods-{model}.json]")
 @click.option("--render", "render", multiple=True, type=click.Path(exists=True),
               help="only print the table of existing results JSON file(s)")
 @click.option("--resume", is_flag=True,
               help="keep the rows already in the output JSON and run only the missing (variant, ratio) pairs")
 @click.option("--quiet", is_flag=True)
-def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, render, resume, quiet) -> None:
+def main(models, ratios, variants, calib, calib_len, seed, out, render, resume, quiet) -> None:
     set_quiet(quiet)
     if render:
         for p in render:
@@ -120,8 +118,6 @@ def main(models, ratios, variants, calib, calib_len, seed, finetune_steps, out, 
         return
     ratio_list = [float(r) for r in ratios.split(",")]
     chosen = [v for v in VARIANTS if variants is None or v[0] in {s.strip() for s in variants.split(",")}]
-    if finetune_steps is not None:
-        chosen = [(l, m, o | {"finetune_steps": finetune_steps} if "finetune_steps" in o else o) for l, m, o in chosen]
     RESULTS.mkdir(parents=True, exist_ok=True)
     tables = []
     for model in [m.strip() for m in models.split(",") if m.strip()]:

@@ -96,6 +96,13 @@ def measure(session, model, path: Path, args) -> dict:
     row = {"file_bytes": path.stat().st_size, "prefill_ms": round(statistics.median(prefill) * 1e3, 2),
            "tokens_per_s": round(best.tokens_per_s, 2), "decode_tokens_per_s": round(best.decode_tokens_per_s, 2),
            "step_ms_median": round(statistics.median(best.step_s) * 1e3, 2)}
+    if args.check_steps:  # the build's export check on this artifact: torch (fp32) vs ORT, prefill + decode steps
+        from factordeploy.verify.fidelity import check_plan, compare_torch_onnx
+
+        plan = check_plan(loaded, model, decode_steps=args.check_steps)
+        fid = compare_torch_onnx(plan.fn, str(path), plan.feeds, plan.input_names, plan.output_names, atol=0.5, rtol=0.0,
+                                 error_stat="mean")
+        row |= {"check_max_abs": round(fid.max_abs, 5), "check_mean_abs": round(fid.mean_abs, 6)}
     if args.check_tokens:
         same = 0
         tok = loaded.tokenizer
@@ -118,14 +125,15 @@ def render(rows: list[dict], threads: int) -> str:
     base = orig.get("none")
     lines = [f"ONNX Runtime CPU, batch 1, {threads} thread(s); tokens/s over prompt + all new tokens; "
              "speedup and bytes ratio vs the original fp32 model.onnx", "",
-             "| method | ratio | weights | MB | bytes ratio | prefill ms | tokens/s | cached steps tok/s | speedup | greedy = torch |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| method | ratio | weights | MB | bytes ratio | prefill ms | tokens/s | cached steps tok/s | speedup | greedy = torch | check mean / max abs |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         br = base["file_bytes"] / r["file_bytes"] if base else float("nan")
         sp = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         lines.append(f"| {r['method']} | {r['ratio'] if r['ratio'] is not None else '-'} | {'int8' if r['quantize'] == 'int8' else 'fp32'} | "
                      f"{r['file_bytes'] / 1e6:.1f} | {br:.2f}x | {r['prefill_ms']:.0f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {sp:.2f}x | {r.get('greedy_identical', '-')} |")
+                     f"{r['decode_tokens_per_s']:.1f} | {sp:.2f}x | {r.get('greedy_identical', '-')} | "
+                     f"{r.get('check_mean_abs', float('nan')):.2g} / {r.get('check_max_abs', float('nan')):.2g} |")
     return "\n".join(lines)
 
 
@@ -139,16 +147,15 @@ def render(rows: list[dict], threads: int) -> str:
 @click.option("--repeats", type=int, default=1, show_default=True)
 @click.option("--prefill-runs", type=int, default=5, show_default=True)
 @click.option("--check-tokens", type=int, default=16, show_default=True, help="greedy identity check length (0 = off)")
+@click.option("--check-steps", type=int, default=3, show_default=True, help="decode steps of the torch-vs-ORT check (0 = off)")
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads (original measured alike)")
 @click.option("--calib", type=int, default=128, show_default=True)
 @click.option("--max-cells", type=int, default=0, help="stop after this many new cells (fit a time slot; rerun resumes)")
 @click.option("--out", default=None, help="JSON path [default: benchmarks/results/decode_speed-<model>.json]")
-def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefill_runs, check_tokens, threads, calib,
-         max_cells, out):
-    from factordeploy.compress.calibration import Calibration, CalibrationConfig
-    from factordeploy.compress.targets import find_targets
-    from factordeploy.models import load_model
-    from factordeploy.pipeline import Session
+def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefill_runs, check_tokens, check_steps,
+         threads, calib, max_cells, out):
+    from factordeploy.compress.calibration import CalibrationConfig
+    from factordeploy.pipeline import open_session
     from factordeploy.progress import log
 
     out_path = Path(out or f"benchmarks/results/decode_speed-{model}.json")
@@ -164,10 +171,9 @@ def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefil
                     cells.append((m, r, q))
     if max_cells:
         cells = cells[:max_cells]
-    loaded = load_model(model)
-    session = Session(loaded, None, Calibration(loaded, CalibrationConfig(n=calib, length=128, seed=0)),
-                      find_targets(loaded.model))
-    work = Path("build/decode_speed") / model
+    session = open_session(model, CalibrationConfig(n=calib, length=128, seed=0), evaluate=False)
+    loaded = session.loaded
+    work = Path("build/decode_speed") / Path(model).name  # never the model folder itself (absolute paths)
     for m, r, q in cells:
         log(f"cell {m} {r} {q}")
         shutil.rmtree(work, ignore_errors=True)
@@ -175,7 +181,7 @@ def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefil
         t0 = time.perf_counter()
         torch_model, path, info = build_cell(session, m, 0.5 if r is None and m != "original" else r, q, work)
         row = {"method": m, "ratio": r, "quantize": q, **measure(session, torch_model, path, args), **info,
-               "cell_s": round(time.perf_counter() - t0, 1)}
+               "cell_s": round(time.perf_counter() - t0, 1), "loadavg_1m": round(os.getloadavg()[0], 2)}
         doc["rows"] = [x for x in doc["rows"] if cell_key(x["method"], x["ratio"], x["quantize"]) != cell_key(m, r, q)]
         doc["rows"].append(row)
         doc["setup"] = {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": threads,

@@ -89,25 +89,25 @@ def build_variant(loaded, session, method: str, ratio, quant: str, work: Path):
 @click.option("--ppl-windows", type=int, default=4, show_default=True)
 @click.option("--ppl-len", type=int, default=512, show_default=True)
 @click.option("--calib", type=int, default=128, show_default=True)
+@click.option("--variants", default="", help="subset, e.g. '-:none,-:int8,0.5:int8,0.75:none' (ratio or - : quantize)")
 @click.option("--out", default=None)
-def main(model, method, n_sent, ppl_windows, ppl_len, calib, out):
-    from factordeploy.compress.calibration import Calibration, CalibrationConfig
-    from factordeploy.compress.targets import find_targets
+def main(model, method, n_sent, ppl_windows, ppl_len, calib, variants, out):
+    from factordeploy.compress.calibration import CalibrationConfig
     from factordeploy.engines.ort_model import OrtModel
-    from factordeploy.models import load_model
-    from factordeploy.pipeline import Session
+    from factordeploy.pipeline import open_session
     from factordeploy.progress import log
 
     args = type("Args", (), {"sentences": n_sent, "ppl_windows": ppl_windows, "ppl_len": ppl_len})
     out_path = Path(out or f"benchmarks/results/int8_quality-{model}-{method}.json")
     doc = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
     done = {(r["ratio"], r["quantize"]) for r in doc["rows"]}
-    loaded = load_model(model)
-    session = Session(loaded, None, Calibration(loaded, CalibrationConfig(n=calib, length=128, seed=0)),
-                      find_targets(loaded.model))
-    refs = domain_scores(loaded, loaded.model, {}, args) if loaded.kind == "encoder" else {}
-    work = Path("build/int8_quality") / model
-    for ratio, quant in VARIANTS:
+    session = open_session(model, CalibrationConfig(n=calib, length=128, seed=0), evaluate=False)
+    loaded = session.loaded
+    chosen = [(None if r == "-" else float(r), q) for r, q in (v.split(":") for v in variants.split(",") if v)] or VARIANTS
+    pending = [v for v in chosen if v not in done]
+    refs = domain_scores(loaded, loaded.model, {}, args) if loaded.kind == "encoder" and pending else {}
+    work = Path("build/int8_quality") / Path(model).name  # never the model folder itself (absolute paths)
+    for ratio, quant in chosen:
         if (ratio, quant) in done:
             continue
         log(f"variant {method} {ratio} {quant}")
@@ -124,7 +124,8 @@ def main(model, method, n_sent, ppl_windows, ppl_len, calib, out):
         out_path.with_suffix(".tmp").write_text(json.dumps(doc, indent=2))
         os.replace(out_path.with_suffix(".tmp"), out_path)
     shutil.rmtree(work, ignore_errors=True)
-    base_t = next(r["targeted_bytes"] for r in doc["rows"] if r["ratio"] is None and r["quantize"] == "none")
+    tset = set(session.targets)
+    base_t = sum(m.weight.numel() * 4 for n, m in loaded.model.named_modules() if n in tset)  # fp32 targeted bytes
     rows = sorted(doc["rows"], key=lambda r: -r["targeted_bytes"])
     lines = [f"{model}, {doc['setup']['metric']}; ONNX Runtime artifacts", "",
              "| variant | weights | targeted bytes (of fp32) | file MB | " + " | ".join(DOMAINS) + " |",

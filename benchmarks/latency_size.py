@@ -33,7 +33,7 @@ def main() -> None:
     for name in args.models.split(","):
         cfg = BuildConfig(model=name, method=args.method, ratio=DEFAULT_RATIO.get(name, 0.5),
                           out=os.path.join(args.out, f"{name}-{args.method}"), latency_points=POINTS,
-                          latency_runs=args.runs)
+                          latency_runs=args.runs, overwrite=True)  # the benchmark owns these folders (older runs lack the marker)
         rep = run_build(cfg).report
         q = rep.quality["compressed"]
         qual = (f"ppl {rep.quality['original']['perplexity']:.2f} -> {q['perplexity']:.2f}" if "perplexity" in q

@@ -1,19 +1,19 @@
 """`deploy build`: the stage list, run inside a temporary folder moved onto --out only on success.
 
-A failure never leaves a half-written artifact: the temporary sibling folder is removed, and an
-existing --out is replaced only after every stage passed.
+A failure or signal never leaves a half-written artifact: the temporary sibling folder is removed,
+and an existing --out is replaced (atomically) only after every stage passed; outdir.py holds the
+--out rules, the lock and the swap.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import stages as st
-from .config import BuildConfig, EngineConfig, check_config, check_engine_config  # noqa: F401 (the build's API)
+from .config import BuildConfig, EngineConfig, check_config, check_engine_config, input_paths  # noqa: F401 (the build's API)
+from .outdir import out_transaction
 from .progress import log
 from .report import Report, write_report
 
@@ -21,9 +21,11 @@ STAGES: tuple[st.Stage, ...] = (
     st.load,             # model on its device, targeted linears, original size
     st.reference,        # quality of the ORIGINAL model, before anything changes it
     st.export_baseline,  # original ONNX (cached) for the latency comparison
+    st.teacher,          # --recover-steps: recovery data + the ORIGINAL's outputs on it
     st.calibrate,        # calibration windows, when the method uses them
     st.compress,         # the method replaces the targeted linears; sizes, per-layer records
     st.attention,        # --attention combiner-*: each self-attention core becomes Combiner
+    st.recovery,         # --recover-steps: distil toward the original, merge adapters into the factors
     st.evaluate,         # quality of the compressed model vs the original's reference
     st.export,           # torch -> raw ONNX (custom ops as custom-domain nodes)
     st.ort_graph,        # passes -> model.onnx (standard ops, custom ops lowered)
@@ -54,26 +56,8 @@ def run_stages(state: st.BuildState, stages: tuple[st.Stage, ...] = STAGES) -> s
 def run_build(cfg: BuildConfig) -> BuildResult:
     check_config(cfg)
     out = Path(cfg.out)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.resolve().parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with out_transaction(out, cfg.overwrite, input_paths(cfg)) as tmp:  # outdir.py: lock, marker, atomic swap
         state = run_stages(st.BuildState(cfg, tmp))
         write_report(state.report, tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"artifact: {out / 'model.onnx'}  report: {out / 'report.md'}")
     return BuildResult(out, state.report)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -13,22 +14,37 @@ from .compress.base import MethodOption, all_methods, all_options, method_option
 from .compress.calibration import CalibrationConfig
 from .engines.quantize import MODES as QUANTIZE_MODES
 from .engines.trt_module import BACKENDS
-from .errors import UserError
+from .errors import UserError, disk_full
+from .interrupts import Interrupted, signals_as_exceptions
 from .models.registry import REGISTRY
 from .ops import all_ops
 from .passes.precision import PRECISIONS
+from .pretrain import PretrainConfig, run_pretrain
 from .progress import set_quiet
+from .recover.adapters import ADAPTERS
+from .recover.stage import RecoveryConfig
 from .serve.generate import SamplingConfig, open_folder
 
 
 class _Group(click.Group):
-    """Turns UserError into one line on stderr and exit code 2 (never a traceback)."""
+    """Turns UserError (and a full disk) into one line on stderr and exit code 2, a signal into one
+    line and exit code 128 + signum: never a traceback, and every clean-up runs first."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with signals_as_exceptions():
+                return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e.message}", err=True)
+            ctx.exit(2)
+        except Interrupted as e:
+            click.echo(f"error: {e}; partial output removed, --out unchanged", err=True)
+            ctx.exit(e.exit_code)
+        except Exception as e:
+            full = disk_full(e)
+            if full is None:
+                raise
+            click.echo(f"error: {full.message}", err=True)
             ctx.exit(2)
 
 
@@ -75,6 +91,8 @@ def _op_lowering_options(f):
 @click.option("--ratio", type=float, default=0.5, show_default=True,
               help="fraction of the targeted layers' stored bytes to remove, 0 < ratio < 1")
 @click.option("--out", default=None, help="output folder [default: build/<model>-<method>]")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing --out that deploy did not write (a folder deploy wrote is replaced anyway)")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib", type=int, default=128, show_default=True, help="calibration samples")
@@ -98,28 +116,50 @@ def _op_lowering_options(f):
                    "export check and quality run on the int8 file")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
+@click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="recovery training steps after compression (distillation from the original model); 0 = off")
+@click.option("--adapter", type=click.Choice(list(ADAPTERS)), default="lora", show_default=True,
+              help="what recovery trains: adapters merged into every factor before export, or none = the factors themselves")
+@click.option("--adapter-rank", type=click.IntRange(min=1), default=8, show_default=True, help="adapter rank")
+@click.option("--adapter-dense", is_flag=True, help="also adapt linears left dense (never the LM head)")
+@click.option("--recover-lr", type=float, default=None,
+              help="recovery learning rate [default: adapters 1e-3 (decoder) / 2e-3 (encoder); none 1e-5 / 1e-4]")
+@click.option("--recover-batch", type=click.IntRange(min=1), default=4, show_default=True, help="windows per step")
+@click.option("--recover-data", default="generated", show_default=True,
+              help="generated (the teacher writes text, mixed with the calibration split), wiki, or a .txt/.jsonl FILE")
+@click.option("--recover-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="training windows of --calib-len tokens")
+@click.option("--recover-temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="distillation temperature (decoders)")
+@click.option("--recover-checkpoint", type=click.Path(), default=None,
+              help="folder for the resumable recovery checkpoint; rerunning the same command resumes from it")
 @click.option("--attention", default="full", show_default=True, type=click.Choice(list(ATTENTION_CHOICES)),
               help="replace every self-attention core with Combiner structured attention (sub-quadratic)")
 @click.option("--attention-block", type=int, default=0,
               help="Combiner block (local window) size [default: about sqrt of the --seq opt length]")
 @_op_lowering_options
 @_method_options
-def build(model, method, ratio, out, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, attention, attention_block,
-          **method_opts):
+def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
+          quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, recover_steps, adapter,
+          adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
+          recover_checkpoint, attention, attention_block, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     ort_lowering = {k[len("ort_op_"):]: method_opts.pop(k) for k in list(method_opts) if k.startswith("ort_op_")}
     set_quiet(quiet)
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
     options = method_options(method, method_opts)
-    cfg = BuildConfig(model=model, method=method, ratio=ratio, out=out or f"build/{model.replace('/', '_')}-{method}",
+    cfg = BuildConfig(model=model, method=method, ratio=ratio, out=out or f"build/{model.replace('/', '_')}-{method}", overwrite=overwrite,
                       device=device, seed=seed, options=options,
                       calib=CalibrationConfig(n=calib, length=calib_len, seed=seed, text_file=calib_data),
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
                       sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq,
-                      quantize=quantize, calib_cache=calib_cache, attention=attention, attention_block=attention_block)
+                      quantize=quantize, calib_cache=calib_cache, attention=attention, attention_block=attention_block,
+                      recovery=RecoveryConfig(steps=recover_steps, adapter=adapter, rank=adapter_rank, lr=recover_lr,
+                                              batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
+                                              samples=recover_samples, seq_len=calib_len,
+                                              temperature=recover_temperature, include_dense=adapter_dense, seed=seed))
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "
@@ -193,6 +233,41 @@ def models() -> None:
     for name, (desc, _) in REGISTRY.items():
         click.echo(f"{name.ljust(8)}  {desc}")
     click.echo("PATH      any local Hugging Face folder (encoder, or causal LM) - e.g. --model ./my-bert")
+
+
+@main.command()
+@click.option("--arch", default="llama", show_default=True, help="architecture family (llama)")
+@click.option("--params", "size", default="20M", show_default=True, help="model size preset: tiny, 20M, 60M")
+@click.option("--param", "param", type=click.Choice(["dense", "lowrank", "sltrain", "lost"]), default="dense",
+              show_default=True, help="weight parametrisation of the attention/MLP linears")
+@click.option("--tokens", type=click.IntRange(min=1), default=200_000, show_default=True, help="training tokens")
+@click.option("--out", required=True, help="folder for the trained Hugging Face model (must not exist or be empty)")
+@click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="AdamW peak lr (default: 3e-3 for sltrain as in its paper, 1e-3 otherwise)")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="r of the factorized forms (default: the preset's, d/4)")
+@click.option("--alpha", type=float, default=32.0, show_default=True, help="SLTrain's alpha (low-rank scale alpha/r)")
+@click.option("--delta", type=float, default=0.03, show_default=True,
+              help="SLTrain's density of S; LOST's channel fraction")
+@click.option("--gamma", type=float, default=0.5, show_default=True, help="LOST's mixing weight")
+@click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,
+              help="held-out windows per domain (wiki, news, pydoc)")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, help="steps between held-out evaluations (0: ~8 per run)")
+@click.option("--checkpoint", default=None, help="folder for the loop's checkpoint; rerunning resumes from it")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def pretrain(arch, size, param, tokens, out, seq_len, batch, lr, rank, alpha, delta, gamma, eval_windows, eval_every,
+             checkpoint, device, seed, quiet) -> None:
+    """Pretrain a small LLaMA from scratch (dense / low-rank / SLTrain / LOST) into a HF folder."""
+    set_quiet(quiet)
+    res = run_pretrain(PretrainConfig(out=out, arch=arch, params=size, param=param, tokens=tokens, seq_len=seq_len,
+                                      batch=batch, lr=lr, rank=rank, alpha=alpha, delta=delta, gamma=gamma,
+                                      eval_windows=eval_windows, eval_every=eval_every, seed=seed, device=device,
+                                      checkpoint=checkpoint))
+    click.echo(json.dumps({"out": out, "param": param, "params": res.model_params, "steps": res.steps,
+                           "tokens": res.tokens, "perplexity": res.perplexity}))
 
 
 def _add_folder_commands() -> None:

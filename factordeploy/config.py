@@ -7,7 +7,6 @@ spec); `check_config` rejects bad input with one named problem and a fix before 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,11 @@ from .engines.quantize import check_mode
 from .engines.tensorrt import Range3
 from .engines.trt_module import BACKENDS, FULL, RTX, require
 from .errors import UserError
+from .models.text import read_text_input
+from .outdir import check_out
 from .passes.custom_ops import check_policies
 from .passes.precision import PRECISIONS
+from .recover.stage import RecoveryConfig, check_recovery_config
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class BuildConfig:
     method: str = "svd"
     ratio: float = 0.5
     out: str = "build/out"
+    overwrite: bool = False  # replace an --out that deploy did not write (outdir.check_out)
     device: str = "cpu"
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +77,8 @@ class BuildConfig:
         max_len = min(seq.max, int(positions)) if positions else seq.max
         return AttentionConfig(kind=self.attention, block=self.attention_block or default_block(seq.opt),
                                max_len=max_len)
+    # Recovery stage (recover/): distillation after compression, before export; steps 0 = off
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
     @property
     def engine(self) -> EngineConfig:
@@ -91,20 +96,24 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
     get_method(cfg.method)
+    check_recovery_config(cfg.recovery)
     check_policies(cfg.ort_lowering)
     check_mode(cfg.quantize)
     check_engine_config(cfg)
     check_attention(cfg.attention_config())
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
-    probe = out.resolve().parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"--out {out} is not writable: {probe} is a file", "choose a folder you can write to")
-    if not os.access(probe, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UserError(f"--out {out} is not writable", "choose a folder you can write to")
+    if cfg.calib.text_file is not None:
+        read_text_input(cfg.calib.text_file, "--calib-data")
+    check_out(cfg.out, cfg.overwrite, input_paths(cfg))
+
+
+def input_paths(cfg: BuildConfig) -> list[str]:
+    """Everything the build reads or resumes from; --out may never contain one of them."""
+    paths = [cfg.model] if Path(cfg.model).exists() else []
+    if cfg.calib.text_file:
+        paths.append(cfg.calib.text_file)
+    paths += [v for k, v in cfg.options.items()  # checkpoint folders, data files (existing or to be written)
+              if isinstance(v, str) and v and (Path(v).exists() or k.endswith(("checkpoint", "data", "dir", "file", "path")))]
+    return paths
 
 
 def check_engine_config(cfg: BuildConfig) -> None:

@@ -51,8 +51,10 @@ class Session:
 
 def open_session(model: str, calib: CalibrationConfig, device: str = "cpu", seed: int = 0,
                  eval_cfg: EvalConfig | None = None, include: tuple[str, ...] = ("*",),
-                 exclude: tuple[str, ...] = DEFAULT_EXCLUDE) -> Session:
-    cfg = BuildConfig(model=model, device=device, seed=seed, calib=calib, include=include, exclude=exclude)
+                 exclude: tuple[str, ...] = DEFAULT_EXCLUDE, evaluate: bool = True) -> Session:
+    """`evaluate=False`: no quality reference of the original (benchmarks that score artifacts themselves)."""
+    cfg = BuildConfig(model=model, device=device, seed=seed, calib=calib, include=include, exclude=exclude,
+                      evaluate=evaluate)
     state = st.BuildState(cfg, Path(tempfile.gettempdir()), eval_cfg=eval_cfg)
     t0 = time.perf_counter()
     st.load(state)

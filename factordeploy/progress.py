@@ -45,3 +45,7 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
     if timings is not None:
         timings[name] = round(dt, 3)
     log(f"{name} done in {dt:.1f}s")
+
+
+def is_quiet() -> bool:
+    return _QUIET

@@ -95,6 +95,7 @@ class Report:
     size: SizeReport | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
     attention: dict[str, Any] = field(default_factory=dict)  # --attention: kind, block, max_len, layers, kv_cache
+    recovery: dict[str, Any] | None = None  # --recover-steps: adapter, data, losses, eval curve, memory, time
     export: dict[str, Any] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
     fidelity: FidelityReport | None = None
@@ -139,6 +140,7 @@ def render_markdown(r: dict) -> str:
     if r.get("calibration"):
         c = r["calibration"]
         lines.append(f"Calibration: {c['n']} x {c['length']} tokens, seed {c['seed']}, from {c['source']}.  ")
+    lines += render_recovery(r.get("recovery"), q)
     lines += [
         "",
         "## Size",
@@ -207,6 +209,28 @@ def render_markdown(r: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in r["timings_s"].items()]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def render_recovery(rec: dict | None, q: dict) -> list[str]:
+    """The recovery stage in one paragraph: adapter, data, steps, losses, held-out curve, memory, time."""
+    if not rec:
+        return []
+    t, a, c = rec["train"], rec["adapter"], rec["config"]
+    curve = ", ".join(f"{s}: {v:.4g}" for s, v in t["eval_curve"])
+    out = ["", "## Recovery (distillation from the original)",
+           f"Adapter `{a['adapter']}`" + (f" rank {a['rank']}" if a.get("rank") else "") +
+           f" on {a['factors']} factors ({a['trainable_params']:,} trainable params), merged before export "
+           f"(layer kinds and stored bytes unchanged: {rec['bytes_unchanged']}).  ",
+           f"Data: {rec['data']}; {t['steps']} steps x {c['batch']} windows of {c['seq_len']} tokens, lr {c['lr']:g}.  ",
+           f"Training loss {t.get('loss_first', float('nan')):.4g} -> {t.get('loss_last', float('nan')):.4g}; held-out "
+           f"(pydoc selection split) {curve}; kept step {t['best_step']}.  ",
+           f"Time {rec['seconds']:.0f} s ({t['tokens_per_s']:.0f} tokens/s), teacher outputs {rec['teacher_seconds']:.0f} s, "
+           f"peak memory {t['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({t['peak_memory_kind']}).  "]
+    if q.get("compressed_before_recovery") and q.get("compressed"):
+        b, f = q["compressed_before_recovery"], q["compressed"]
+        keys = [k for k in ("perplexity", "embedding_cosine_mean", "polarity_accuracy") if k in b and k in f]
+        out.append("Quality before -> after recovery: " + ", ".join(f"{k} {b[k]:g} -> {f[k]:g}" for k in keys) + ".  ")
+    return out
 
 
 def pass_notes(passes: list[dict]) -> list[str]:

@@ -37,10 +37,12 @@ from .engines.tensorrt import TrtBuildConfig, build_engine
 from .engines.trt_module import choose_backend, describe, polygraphy_trt
 from .errors import UserError
 from .export.onnx_export import export_onnx, export_original_cached
+from .export.onnx_files import load_onnx
 from .models.registry import LoadedModel, load_model
 from .passes.pipeline import PassContext, run_pipeline
 from .passes.presets import ort_pipeline, trt_pipeline
 from .progress import log, stage
+from .recover.stage import Teacher, capture_teacher, recover
 from .serve.hf_files import write_hf_files
 from .serve.ort_optimized import decide_ort_optimized
 from .report import EngineReport, FidelityReport, LatencyReport, Report, SizeReport
@@ -68,6 +70,7 @@ class BuildState:
     plan: CheckPlan | None = None  # what the export check runs (decoders: prefill + cached decode steps)
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
+    teacher: Teacher | None = None  # recovery: the original's outputs on the training windows
 
     @property
     def model(self) -> nn.Module:
@@ -132,6 +135,7 @@ def calibrate(s: BuildState) -> None:
     s.method = get_method(s.cfg.method)
     if s.calibration is None and s.method.uses_calibration(dict(s.cfg.options)):
         s.calibration = Calibration(s.loaded, s.cfg.calib, s.cfg.device)
+        s.calibration.windows()  # tokenized now: too little text fails before any compression work
         if s.cfg.calib_cache:  # statistics stored by earlier builds of this model + calibration config
             s.calibration.attach_store(s.cfg.calib_cache)
 
@@ -168,13 +172,34 @@ def attention(s: BuildState) -> None:
         with stage(f"attention ({a.kind}, block {a.block})", s.timings):
             replaced = install_combiner(s.model, a)
         s.report.attention |= {"block": a.block, "max_len": a.max_len, "layers": len(replaced), "kv_cache": False}
+def teacher(s: BuildState) -> None:
+    """--recover-steps: the recovery data and the ORIGINAL model's outputs on it, before compression."""
+    if s.cfg.recovery.steps > 0:
+        with stage("recovery data + teacher outputs (original model)", s.timings):
+            s.teacher = capture_teacher(s.loaded, s.model, s.cfg.recovery, s.cfg.device)
+
+
+def recovery(s: BuildState) -> None:
+    """--recover-steps: distil the compressed model toward the original; adapters merged into the factors."""
+    if s.teacher is None:
+        return
+    cfg = s.cfg
+    if cfg.evaluate:
+        with stage("evaluate compressed (before recovery)", s.timings):
+            s.report.quality["compressed_before_recovery"] = s.probe.score(s.model)
+    sig = {"method": cfg.method, "ratio": cfg.ratio, "options": cfg.options, "seed": cfg.seed,
+           "calib": asdict(cfg.calib), "targets": s.targets}
+    with stage(f"recovery training ({cfg.recovery.adapter}, {cfg.recovery.steps} steps)", s.timings):
+        s.report.recovery = recover(s.loaded, s.model, s.teacher, cfg.recovery, cfg.device, signature=sig).as_dict()
+    s.teacher = None
+    s.model.eval()
 
 
 def evaluate(s: BuildState) -> None:
     """Quality of the compressed model on held-out text, against the original's reference."""
     if s.cfg.evaluate:
         with stage("evaluate compressed", s.timings):
-            s.report.quality = {"original": s.probe.reference, "compressed": s.probe.score(s.model)}
+            s.report.quality = {**s.report.quality, "original": s.probe.reference, "compressed": s.probe.score(s.model)}
 
 
 def export(s: BuildState) -> None:
@@ -198,7 +223,7 @@ def ort_graph(s: BuildState) -> None:
     path = s.folder / "model.onnx"
     pctx = PassContext(layers=s.factorized, target="ort")
     with stage("graph passes (onnx-graphsurgeon)", s.timings):
-        proto = run_pipeline(onnx.load(str(s.artifacts["exported"])), ort_pipeline(s.cfg.ort_lowering), pctx)
+        proto = run_pipeline(load_onnx(s.artifacts["exported"]), ort_pipeline(s.cfg.ort_lowering), pctx)
         onnx.save_model(proto, str(path))
     s.artifacts["model"] = path
     s.report.passes = pctx.log
@@ -229,7 +254,7 @@ def tensorrt(s: BuildState) -> None:
     trt_onnx = s.folder / "model.trt.onnx"
     pctx = PassContext(layers=s.factorized, target="trt")
     with stage(f"graph passes for TensorRT ({ec.precision})", s.timings):
-        proto = run_pipeline(onnx.load(str(s.artifacts["exported"])), trt_pipeline(ec.precision), pctx)
+        proto = run_pipeline(load_onnx(s.artifacts["exported"]), trt_pipeline(ec.precision), pctx)
         onnx.save_model(proto, str(trt_onnx))
     e.passes = pctx.log
     bcfg = TrtBuildConfig(out_dir=s.folder, engine_name="model.engine", precision=ec.precision,

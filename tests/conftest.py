@@ -65,3 +65,21 @@ def minilm_calib(minilm):
     from factordeploy.compress.calibration import Calibration, CalibrationConfig
 
     return Calibration(minilm, CalibrationConfig(n=16, length=64, seed=0, batch_size=8))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A 2-layer random GPT-2 (transformers Conv1D projections) with SmolLM2's real tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from factordeploy.models.registry import smollm2_fp32_folder
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    tok = AutoTokenizer.from_pretrained(str(smollm2_fp32_folder()))
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    GPT2LMHeadModel(cfg).eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -15,9 +15,12 @@ PKG = Path(__file__).resolve().parents[1] / "factordeploy"
 
 LAYERS: list[tuple[str, ...]] = [
     ("__init__", "errors", "progress"),  # leaves: no factordeploy imports
+    ("interrupts", "outdir"),            # signals as exceptions; safe writes (--out, caches, checkpoints)
     ("ops",),                            # custom ops: spec, body, emit, one package per op
     ("models",),
+    ("train",),                          # the one training loop (generic: loss and data plugged in)
     ("compress", "attention"),          # attention/: structured attention replacing a model's attention core
+    ("recover",),                        # recovery stage: distillation + adapters merged into factors
     ("export",),
     ("passes",),
     ("plugins",),
@@ -27,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("report", "config"),                # typed report; BuildConfig + input checks
     ("stages",),                         # the build's stage functions over BuildState
     ("build", "pipeline"),               # the stage list for `deploy build`; the benchmarks' use of it
+    ("pretrain",),                       # pretraining from scratch (models, compress layers, train loop)
     ("sweep",),                          # runs builds
     ("cli", "cli_serving"),
 ]

@@ -71,7 +71,7 @@ def test_calib_data_reaches_the_calibration(tiny_bert_dir, tmp_path, suffix):
 def test_calib_data_missing_file_is_one_line_error(tiny_bert_dir, tmp_path):
     r = CliRunner().invoke(main, ["build", "--model", str(tiny_bert_dir), "--method", "svd-whiten", "--calib-data",
                                   str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), *FAST])
-    assert r.exit_code == 2 and r.output.count("\n") == 1 and "calibration text file not found" in r.output
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "--calib-data file not found" in r.output
     assert not (tmp_path / "o").exists()
 
 

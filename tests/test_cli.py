@@ -99,14 +99,14 @@ def test_method_option_values_checked_from_the_cli_neutral_declaration(tmp_path)
 
     r = CliRunner().invoke(main, ["build", "--method", "sparse24", "--score", "bogus", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "magnitude" in r.output and "wanda" in r.output and "sparsegpt" in r.output
-    r = CliRunner().invoke(main, ["build", "--method", "svd", "--finetune-lr", "0", "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "finetune-lr" in r.output
+    r = CliRunner().invoke(main, ["build", "--method", "welore", "--min-reduction", "1.5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "min-reduction" in r.output
     assert not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="--score 'bogus' is not allowed"):
         method_options("sparse24", {"score": "bogus"})
     with pytest.raises(UserError, match="--min-reduction"):
         method_options("welore", {"min_reduction": 1.5})
-    assert method_options("svd", {"finetune_steps": "3"})["finetune_steps"] == 3
+    assert method_options("dsformer", {"stf_steps": "3"})["stf_steps"] == 3
 
 
 def test_attention_block_larger_than_max_length(tmp_path):

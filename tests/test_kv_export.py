@@ -126,3 +126,20 @@ def test_export_check_runs_prefill_and_decode_steps_and_catches_a_wrong_graph(mi
     res = compare_torch_onnx(bad.fn, str(path), bad.feeds, bad.input_names, bad.output_names, atol=1e-3, rtol=1e-3)
     assert not res.passed
 
+
+
+def test_tensorrt_profile_covers_past_length_zero_to_max():
+    """A KV-cache graph's TensorRT profile: past axis 0..seq max, mask axis past + sequence."""
+    from types import SimpleNamespace
+
+    from factordeploy.engines.tensorrt import Range3, TrtBuildConfig, _profile_shapes
+
+    ins = [SimpleNamespace(name="input_ids", shape=(-1, -1)), SimpleNamespace(name="attention_mask", shape=(-1, -1)),
+           SimpleNamespace(name="position_ids", shape=(-1, -1)),
+           SimpleNamespace(name="past_key_values.0.key", shape=(-1, 2, -1, 16))]
+    net = SimpleNamespace(num_inputs=len(ins), get_input=lambda i: ins[i])
+    cfg = TrtBuildConfig(out_dir=".", batch=Range3(1, 2, 4), seq=Range3(1, 64, 256))
+    shapes = _profile_shapes(net, cfg)
+    assert shapes["past_key_values.0.key"] == {"min": [1, 2, 0, 16], "opt": [2, 2, 64, 16], "max": [4, 2, 256, 16]}
+    assert shapes["attention_mask"] == {"min": [1, 1], "opt": [2, 128], "max": [4, 512]}
+    assert shapes["input_ids"] == {"min": [1, 1], "opt": [2, 64], "max": [4, 256]}

@@ -146,67 +146,28 @@ def test_fwsvd_and_whiten_run_with_welore_allocation(minilm, minilm_calib):
 
 
 @pytest.mark.slow
-def test_finetune_steps_reduce_calibration_loss(minilm, minilm_calib):
-    from factordeploy.compress.finetune import calibration_loss, finetune_factors
-    from factordeploy.compress.objective import TaskObjective
+def test_recovery_with_adapter_none_trains_only_the_lowrank_factors(minilm):
+    """WeLore's LRC-only tuning is the recovery stage with --adapter none (it replaced --finetune-steps):
+    only the LowRankLinear factors move, and the held-out distillation loss drops."""
+    from factordeploy.recover import RecoveryConfig, capture_teacher, recover
 
     model = copy.deepcopy(minilm.model)
-    objective = TaskObjective(minilm_calib, model)  # original embeddings, before compression
-    assert calibration_loss(model, minilm_calib, objective) == pytest.approx(0.0, abs=1e-8)
+    cfg = RecoveryConfig(steps=12, adapter="none", lr=3e-4, data="wiki", samples=16, seq_len=64, batch=4,
+                         eval_windows=4, eval_every=6)
+    teacher = capture_teacher(minilm, model, cfg)
     m = get_method("welore")
-    ctx = CompressContext(ratio=0.5, options={"min_reduction": 0.5, "finetune_steps": 0, "finetune_lr": 1e-4},
-                          calibration=minilm_calib)
-    targets = [n for n in LAYERS]
-    m.compress(model, targets, ctx)
+    m.compress(model, list(LAYERS), CompressContext(ratio=0.5, options={"min_reduction": 0.5}))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith((".A", ".B"))}
-    before = calibration_loss(model, minilm_calib, objective)
-    log = finetune_factors(model, minilm_calib, objective, steps=12, lr=3e-4)
-    after = calibration_loss(model, minilm_calib, objective)
-    assert before > 1e-4
-    assert after < 0.8 * before
-    assert len(log.losses) == 12
-    for n, p in model.named_parameters():  # only LowRankLinear factors moved
+    rep = recover(minilm, model, teacher, cfg)
+    curve = rep.train["eval_curve"]
+    assert curve[0][1] > 1e-4 and rep.train["best_eval"] < 0.97 * curve[0][1]  # held-out pydoc: 0.316 -> 0.295
+    assert rep.train["losses"][-1] < 0.85 * rep.train["losses"][0]
+    assert rep.adapter["factors_by_layer_kind"] == {"lowrank": 2 * sum(
+        1 for r in model.modules() if type(r).__name__ == "LowRankLinear")}
+    for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
-        assert p.requires_grad  # restored
-
-
-@pytest.mark.parametrize("method", ["svd", "svd-whiten"])
-def test_finetune_steps_shared_by_every_lowrank_method(tiny_llama_dir, method):
-    """--finetune-steps lives in the low-rank driver: any SVD-family method trains only its factors,
-    against the ORIGINAL model's loss, and asks for calibration data only when it fine-tunes."""
-    from factordeploy.compress.calibration import Calibration, CalibrationConfig
-    from factordeploy.compress.finetune import calibration_loss
-    from factordeploy.compress.objective import TaskObjective
-    from factordeploy.compress.targets import find_targets
-    from factordeploy.models.registry import load_model
-    from factordeploy.pipeline import method_options
-
-    loaded = load_model(str(tiny_llama_dir))
-    calib = Calibration(loaded, CalibrationConfig(n=8, length=32, seed=0, batch_size=4))
-    m = get_method(method)
-    assert m.uses_calibration(method_options(method, {"finetune_steps": 5}))
-    assert m.uses_calibration(method_options(method)) == (method == "svd-whiten")
-
-    targets = find_targets(loaded.model)
-    losses = {}
-    for steps in (0, 20):
-        model = copy.deepcopy(loaded.model)
-        objective = TaskObjective(calib, copy.deepcopy(loaded.model))  # next-token loss for a decoder
-        ctx = CompressContext(ratio=0.5, options=method_options(method, {"finetune_steps": steps, "finetune_lr": 3e-3}),
-                              calibration=calib)
-        frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-        res = m.compress(model, targets, ctx)
-        losses[steps] = calibration_loss(model, calib, objective)
-        if steps:
-            assert res.extra["finetune"]["steps"] == steps
-            assert any("fine-tuning: 20 steps" in n for n in res.notes)
-            for n, p in model.named_parameters():  # everything but the factors is untouched
-                if not n.endswith((".A", ".B")):
-                    assert torch.equal(p, frozen[n]), n
-        else:
-            assert "finetune" not in res.extra
-    assert losses[20] < 0.97 * losses[0]  # random tiny model: ~10.8 nats -> ~10.2 (svd), more for svd-whiten
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_balance_keeps_the_product_and_equalises_the_factors():

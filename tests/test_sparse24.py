@@ -155,7 +155,7 @@ def test_mask_survives_pruning_stf_export_and_passes(minilm_own, tmp_path):
         0.5, options={"stf_steps": 2, "stf_batch": 4, "stf_lr": 1e-3, "stf_checkpoint": str(tmp_path / "ckpt")},
         calibration=cal))
     assert validate_24_layers(model) == len(targets)  # after pruning and after STF steps
-    assert (tmp_path / "ckpt" / "stf.pt").exists()
+    assert (tmp_path / "ckpt" / "trainer.pt").exists()
     assert r2.extra["stf_loss_first_last"][0] > 0
 
     path = tmp_path / "m.onnx"

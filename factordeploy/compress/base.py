@@ -116,6 +116,9 @@ class Method:
         """Whether this run needs calibration data; options can switch it on (e.g. fine-tuning)."""
         return self.needs_calibration
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Reject bad option values (paths, files) before any work; UserError with a fix."""
+
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         raise NotImplementedError
 
@@ -171,7 +174,9 @@ def method_options(method: str, given: dict[str, Any] | None = None) -> dict[str
     if foreign:
         raise UserError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to method '{method}'",
                         f"see `deploy methods` for what {method} takes")
-    return {k: o.default for k, o in declared.items()} | {k: declared[k].check(v) for k, v in given.items()}
+    options = {k: o.default for k, o in declared.items()} | {k: declared[k].check(v) for k, v in given.items()}
+    m.check_options(options)
+    return options
 
 
 def all_options() -> list[MethodOption]:

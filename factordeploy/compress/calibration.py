@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..progress import track
 from ..models.registry import LoadedModel
 from ..models import text as textmod
@@ -68,7 +69,11 @@ class Calibration:
         """Read statistics saved by an earlier build with the same key; `save_store` adds new ones."""
         self._store = Path(folder) / f"calib-{self.store_key()}.pt"
         if self._store.is_file():
-            saved = torch.load(self._store, map_location="cpu", weights_only=False)
+            try:  # the safe loader only: a crafted file in a shared cache folder cannot run code
+                saved = torch.load(self._store, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a damaged or crafted cache file is the user's folder
+                raise UserError(f"calibration cache {self._store} cannot be read safely ({type(e).__name__})",
+                                "delete that file (the statistics are collected again)") from None
             self._grams.update(saved["grams"])
             self.cache.update(saved["cache"])
             self._loaded_from_store = (len(saved["grams"]), len(saved["cache"]))
@@ -86,8 +91,11 @@ class Calibration:
 
     def windows(self) -> list[list[int]]:
         if self._windows is None:
-            docs = textmod.load_user_text(self.config.text_file) if self.config.text_file else textmod.calibration_articles()
+            user = self.config.text_file
+            docs = textmod.read_text_input(user, "--calib-data") if user else textmod.calibration_articles()
             stream = self.loaded.token_ids(docs)
+            if user:
+                textmod.check_token_budget(len(stream), self.config.n, self.config.length, f"--calib-data {user}")
             self._windows = textmod.sample_windows(stream, self.config.n, self.config.length, self.config.seed)
         return self._windows
 

@@ -92,3 +92,28 @@ class TaskObjective:
         if sample_targets is not None:
             target = target + torch.randn(target.shape, generator=sample_targets).to(e.device)
         return 0.5 * ((e - target) ** 2).sum(-1).mean()
+
+
+def final_hidden(loaded, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden state (decoders: after the final norm, right before the LM head)."""
+    if loaded.kind == "decoder":
+        return model.base_model(**batch, use_cache=False).last_hidden_state
+    return loaded.output(model, batch)
+
+
+def logit_kd(head: nn.Module, h_s: torch.Tensor, h_t: torch.Tensor, temperature: float = 1.0,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(p_teacher || p_student) of the next-token distributions at temperature T, mean over tokens.
+
+    The teacher's logits are re-made from its cached last hidden state through the SAME frozen
+    LM head (never trained, never compressed), so only hidden states are stored, never
+    vocabulary-sized logits. Exactly 0 when h_s == h_t.
+    """
+    with torch.no_grad():
+        logp_t = F.log_softmax(head(h_t).float() / temperature, -1)
+    logp_s = F.log_softmax(head(h_s).float() / temperature, -1)
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    if mask is not None:
+        m = mask.to(kl.dtype)
+        return temperature ** 2 * (kl * m).sum() / m.sum().clamp_min(1)
+    return temperature ** 2 * kl.mean()

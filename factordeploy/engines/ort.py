@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..export.kv_cache import PAST
+from ..export.onnx_files import check_onnx_file
 
 
 def providers() -> list[str]:
@@ -20,6 +21,7 @@ def providers() -> list[str]:
 
 def session(path: str | Path, optimized_out: str | Path | None = None, threads: int = 0) -> ort.InferenceSession:
     """A session; if `optimized_out` is given, ORT writes its optimized graph there (portable level)."""
+    check_onnx_file(path)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

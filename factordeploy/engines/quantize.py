@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import UserError
+from ..export.onnx_files import load_onnx
 
 MODES = ("none", "int8")
 
@@ -67,6 +68,15 @@ def pretranspose_weights(proto: onnx.ModelProto) -> int:
             proto.graph.initializer.append(inits[name])
         node.input[1] = name
         done += 1
+    # the bypassed Transposes and any constant only they read are dead now: drop them (else the fp32
+    # weights would stay in the file beside their int8 copies)
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    dead = [n for n in proto.graph.node if n.op_type == "Transpose" and not any(o in used for o in n.output)]
+    for n in dead:
+        proto.graph.node.remove(n)
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    for init in [i for i in proto.graph.initializer if i.name not in used]:
+        proto.graph.initializer.remove(init)
     return done
 
 
@@ -79,7 +89,7 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
 
     src, dst = Path(src), Path(dst)
     external = os.path.exists(str(src) + ".data")
-    proto = onnx.load(str(src))
+    proto = load_onnx(src)
     total = _const_matmuls(proto)
     untied = pretranspose_weights(proto)
     total += untied

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..export.onnx_files import check_onnx_file
 from ..plugins import register_with_tensorrt
 from .trt_module import RTX, TrtInfo, polygraphy_trt
 
@@ -192,6 +193,7 @@ def build_engine(onnx_path: str | Path, cfg: TrtBuildConfig, info: TrtInfo) -> E
     from polygraphy.backend.common import SaveBytes
     from polygraphy.logger import G_LOGGER
 
+    check_onnx_file(onnx_path)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     engine_path = out_dir / cfg.engine_name

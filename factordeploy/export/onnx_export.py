@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.registry import LoadedModel, cache_dir
+from ..outdir import atomic_path
 from . import kv_cache
 
 OPSET = 18
@@ -158,8 +159,6 @@ def export_original_cached(loaded: LoadedModel, model: nn.Module, path: str | Pa
     export_onnx(loaded, model, path, opset)
     if Path(str(path) + ".data").exists():
         return False  # external-data exports are not cached (their data file name is tied to `path`)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, cached)
+    with atomic_path(cached) as tmp:
+        shutil.copyfile(path, tmp)
     return False

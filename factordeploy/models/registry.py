@@ -17,7 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..outdir import atomic_path
 from ..progress import log
+from . import checks
+from .conv1d import conv1d_to_linear
 from .text import evaluation_articles, sample_windows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,21 +86,32 @@ def _quiet_transformers() -> None:
 
 
 def _hf_load(path: str, gguf_file: str | None = None) -> tuple[nn.Module, object, Kind]:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """Load a folder (or GGUF file) through transformers; every failure is a named UserError (checks.py)."""
+    from transformers import AutoConfig
 
     _quiet_transformers()
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
+    if not gguf_file:
+        checks.check_architecture_name(Path(path), checks.read_config(Path(path)))
     try:
         config = AutoConfig.from_pretrained(path, **kw)
     except Exception as e:
-        raise UserError(f"'{path}' is not a Hugging Face model folder ({type(e).__name__})",
-                        "pass a folder with config.json and weights, or a name from `deploy models`") from e
+        raise UserError(f"config.json in '{path}' does not load ({type(e).__name__}: {checks.first_line(e)})",
+                        "restore config.json from the model's original files") from None
     archs = config.architectures or []
-    decoder = any(a.endswith("ForCausalLM") for a in archs) or bool(getattr(config, "is_decoder", False))
-    cls = AutoModelForCausalLM if decoder else AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32, **kw)
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    decoder = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
+    cls = checks.model_class(config, decoder, path)
+    if not gguf_file:
+        checks.check_weight_files(Path(path))
+    tok = checks.load_tokenizer(path, config, **kw)
+    with checks.named_load_errors(path):
+        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kw)
+    checks.check_loading_info(info, path)
+    converted = conv1d_to_linear(model)
+    if converted:
+        log(f"{len(converted)} GPT-2-style Conv1D projections converted to nn.Linear (exact transpose)")
+    checks.check_finite(model, path)
     if decoder and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok, "decoder" if decoder else "encoder"
@@ -151,11 +165,9 @@ def smollm2_fp32_folder() -> Path:
         del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(src.state_dict())
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 
@@ -179,6 +191,8 @@ def load_model(name_or_path: str) -> LoadedModel:
     if p.is_dir():
         model, tok, kind = _hf_load(str(p))
         return _finish(p.name, str(p), model, tok, kind)
+    if p.is_file():
+        raise UserError(f"--model {name_or_path} is a file", "pass the folder that holds it with config.json and the tokenizer")
     if os.sep in name_or_path or name_or_path.startswith("."):
         raise UserError(f"model folder not found: {name_or_path}", "check the path, or use a name from `deploy models`")
     raise UserError(f"unknown model '{name_or_path}'",

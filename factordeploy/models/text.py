@@ -91,6 +91,24 @@ def domain_texts(name: str) -> list[str]:
     raise UserError(f"unknown text domain '{name}'", "use one of " + ", ".join(DOMAINS))
 
 
+def selection_texts() -> list[str]:
+    """Held-out text for choosing the best state during training (recovery's periodic evaluation):
+    the second half of the pydoc topics. A domain no training data comes from, and disjoint from
+    the reported pydoc evaluation, which reads the first ~6k tokens of the first topics (the first
+    half alone holds ~50k tokens); news is never seen by any step at all."""
+    topics = pydoc_articles()
+    return list(topics[len(topics) // 2:])
+
+
+def reported_texts(name: str) -> list[str]:
+    """The documents a quality table reads for domain `name` (pydoc: the first half of the topics,
+    so model selection on `selection_texts()` never sees them)."""
+    if name == "pydoc":
+        topics = pydoc_articles()
+        return list(topics[: len(topics) // 2])
+    return domain_texts(name)
+
+
 def sentences(articles: list[str], min_words: int = 6, max_words: int = 60) -> list[str]:
     """Split articles into sentences of reasonable length (for encoder inputs)."""
     out = []
@@ -117,26 +135,96 @@ def polarity() -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def load_user_text(path: str | Path) -> list[str]:
-    """A user's own calibration text: plain text (one document per blank-line block) or JSONL with a 'text' field."""
+_MAGIC = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "zip archive", b"%PDF": "PDF", b"BZh": "bzip2-compressed",
+          b"\xfd7zXZ": "xz-compressed", b"\x89PNG": "PNG image", b"\x80\x02": "Python pickle", b"\x7fELF": "executable"}
+
+
+def _text_fix(flag: str, field: str) -> str:
+    return f"pass {flag} a UTF-8 .txt file (documents separated by blank lines) or a .jsonl file with a '{field}' string per line"
+
+
+@lru_cache(maxsize=4)
+def _read_text_cached(path: str, size: int, mtime_ns: int, flag: str, field: str) -> tuple[str, ...]:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"calibration text file not found: {p}", "pass an existing .txt or .jsonl file to --calib-data")
-    raw = p.read_text(encoding="utf-8", errors="replace")
+    fix = _text_fix(flag, field)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{flag} {p} cannot be read ({e.strerror})", "check the file's permissions") from e
+    if not raw.strip():
+        raise UserError(f"{flag} file is empty: {p}", "put some text in it")
+    for magic, kind in _MAGIC.items():
+        if raw.startswith(magic):
+            raise UserError(f"{flag} {p} is a {kind} file, not text", "extract or convert it to UTF-8 text first; " + fix)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        head = raw[:4096]
+        binary = sum(1 for b in head if b >= 0x80 or (b < 0x20 and b not in b"\t\n\r\f")) / len(head)
+        raise UserError(f"{flag} {p} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} is invalid and "
+                        f"{binary:.0%} of the first {len(head)} bytes are binary or non-ASCII", fix) from None
+    control = sum(1 for c in text if (ord(c) < 0x20 and c not in "\t\n\r\f") or c == "\x7f")
+    if control > 0.01 * len(text):
+        raise UserError(f"{flag} {p} is UTF-8 but {control / len(text):.0%} of it are control characters (binary data)", fix)
     if p.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(raw.splitlines()):
-            if line.strip():
-                try:
-                    docs.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{p}:{i + 1} is not a JSON object with a 'text' field",
-                                    "write one {\"text\": ...} object per line") from e
+        docs = [_jsonl_text(line, p, i, flag, field) for i, line in enumerate(text.splitlines()) if line.strip()]
     else:
-        docs = [d.strip() for d in raw.split("\n\n") if d.strip()]
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    docs = [d for d in docs if d.strip()]
     if not docs:
-        raise UserError(f"calibration text file is empty: {p}", "put some text in it")
-    return docs
+        raise UserError(f"{flag} {p} holds no text (only empty '{field}' fields or whitespace)", "put some text in it")
+    return tuple(docs)
+
+
+def _jsonl_text(line: str, p: Path, i: int, flag: str, field: str) -> str:
+    where = f"{flag} {p} line {i + 1}"
+    fix = f"write one JSON object per line with a '{field}' string, e.g. {{\"{field}\": \"...\"}}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not JSON ({e.msg} at column {e.colno})", fix) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where} is a JSON {type(obj).__name__}, not an object", fix)
+    if field not in obj:
+        keys = ", ".join(sorted(obj)[:5]) or "none"
+        raise UserError(f"{where} has no '{field}' field (fields: {keys})", fix)
+    if not isinstance(obj[field], str):
+        raise UserError(f"{where}: '{field}' is a JSON {type(obj[field]).__name__}, not a string", fix)
+    return obj[field]
+
+
+def read_text_input(path: str | Path, flag: str, field: str = "text") -> list[str]:
+    """The ONE reader for every text-input flag (--calib-data, recovery data, ...): a user's documents.
+
+    Accepts UTF-8 text (documents separated by blank lines) or JSONL (`.jsonl`) with a string
+    `field` per line. Anything else - a missing or empty file, a folder, binary or compressed
+    data, another encoding, JSONL without the field - is a UserError naming `flag`, what was
+    found and the fix. Cached per (path, size, mtime), so validating early and reading later
+    cost one read.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{flag} file not found: {p}", f"pass an existing .txt or .jsonl file to {flag}")
+    if not p.is_file():
+        raise UserError(f"{flag} {p} is not a file", f"pass a .txt or .jsonl file to {flag}, not a folder")
+    st = p.stat()
+    return list(_read_text_cached(str(p.resolve()), st.st_size, st.st_mtime_ns, flag, field))
+
+
+def load_user_text(path: str | Path, flag: str = "--calib-data") -> list[str]:
+    """Older name of `read_text_input` (callers written before it existed); new code calls that."""
+    return read_text_input(path, flag)
+
+
+def check_token_budget(n_tokens: int, n: int, length: int, source: str,
+                       n_flag: str = "--calib", len_flag: str = "--calib-len") -> None:
+    """A user's text must hold the requested windows without reusing tokens: n x length at least."""
+    if n_tokens < n * length:
+        fit = n_tokens // length
+        fix = (f"add text, or ask for fewer windows (e.g. {n_flag} {fit}) or shorter ones ({len_flag})" if fit >= 1
+               else f"add text, or use a smaller {len_flag}")
+        raise UserError(f"{source} has {n_tokens:,} tokens, fewer than the {n_flag} {n} x {len_flag} {length} = "
+                        f"{n * length:,} that the requested windows need", fix)
 
 
 def sample_windows(token_ids: list[int], n: int, length: int, seed: int) -> list[list[int]]:

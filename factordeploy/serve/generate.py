@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..export.kv_cache import step_inputs
+from ..models.checks import load_tokenizer
 from ..models.registry import _quiet_transformers
 from .runners import OrtStepRunner, StepRunner
 
@@ -159,7 +160,6 @@ def eos_ids_of(folders: list[Path], tokenizer: object) -> tuple[int, ...]:
 
 def open_folder(path: str | Path, model_file: str = "model.onnx", threads: int = 0) -> ServedFolder:
     """Open a `deploy build` folder (or any folder with a with-past model.onnx and a tokenizer)."""
-    from transformers import AutoTokenizer
 
     p = Path(path)
     if not p.is_dir():
@@ -174,5 +174,5 @@ def open_folder(path: str | Path, model_file: str = "model.onnx", threads: int =
         raise UserError(f"{p} has no tokenizer files and its report.json names no model folder that has them",
                         "copy the model's tokenizer files into the folder")
     _quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = load_tokenizer(str(tok_dir))
     return ServedFolder(p, runner, tok, eos_ids_of([d for d in (p, src) if d is not None], tok))

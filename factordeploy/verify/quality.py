@@ -136,3 +136,41 @@ class QualityProbe:
         ppl = perplexity(self.loaded, model, self.cfg, self.device)
         return {"perplexity": round(ppl, 4), "perplexity_original": self.reference["perplexity"],
                 "windows": self.cfg.ppl_windows, "window_len": self.cfg.ppl_len}
+
+
+class DomainProbe:
+    """Quality on every text domain (models/text.DOMAINS): wiki in domain, news and pydoc out of domain.
+
+    Decoders: perplexity over `ppl_windows` x `ppl_len` tokens of each domain's reported text;
+    encoders: mean cosine of sentence embeddings to the original's on `sentences` sentences of
+    each domain. References from the ORIGINAL model are captured once.
+    """
+
+    def __init__(self, loaded: LoadedModel, cfg: EvalConfig | None = None, device: str = "cpu",
+                 domains: tuple[str, ...] = textmod.DOMAINS) -> None:
+        self.loaded, self.cfg, self.device, self.domains = loaded, cfg or EvalConfig(), device, domains
+        self.reference: dict[str, float] = {}
+        self._emb: dict[str, torch.Tensor] = {}
+
+    def _sentences(self, domain: str) -> list[str]:
+        return textmod.sentences(textmod.reported_texts(domain))[: self.cfg.sentences]
+
+    def _score(self, model: nn.Module) -> dict[str, float]:
+        out = {}
+        for d in self.domains:
+            if self.loaded.kind == "decoder":
+                out[d] = round(perplexity(self.loaded, model, self.cfg, self.device, textmod.reported_texts(d)), 4)
+            else:
+                e = embed(self.loaded, model, self._sentences(d), self.cfg, self.device)
+                if d not in self._emb:
+                    self._emb[d] = e
+                out[d] = round(float((e * self._emb[d]).sum(-1).mean()), 5)
+        return out
+
+    def capture_original(self, model: nn.Module) -> dict[str, float]:
+        self.reference = self._score(model)
+        return self.reference
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        """Decoders: perplexity per domain; encoders: mean embedding cosine to the original per domain."""
+        return self._score(model)

@@ -12,10 +12,11 @@
    state (encoders) or KL of the next-token distributions (decoders; the frozen LM head turns the
    stored teacher hidden states back into logits, so only hidden states are kept, never logits).
    Teacher outputs are computed before any layer changes.
-   `--stf-checkpoint DIR` saves DIR/stf.pt (latents, optimiser state, step, loss history) every
-   `--stf-save-every` steps and at the end; rerunning the same command resumes from it (a
-   checkpoint written for a different model/ratio/targets/calibration is refused). Asking for
-   more steps than the checkpoint holds continues training from it.
+   STF runs through the package's one training loop (train/loop.py: AdamW without decay,
+   constant lr, fixed seed). `--stf-checkpoint DIR` saves DIR/trainer.pt (latents, optimiser,
+   RNG, step, loss history) every `--stf-save-every` steps and at the end; rerunning the same
+   command resumes from it to the same result (a checkpoint written for a different
+   model/ratio/targets/calibration/settings is refused).
 The paper's exact STF update rule and block size were not found (METHODS.md); this is the
 reading its abstract implies: projection in the forward, straight-through backward.
 """
@@ -23,8 +24,6 @@ reading its abstract implies: projection in the forward, straight-through backwa
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,16 +31,19 @@ from torch.nn import functional as F
 
 from ..base import CompressContext, CompressResult, LayerRecord, Method, MethodOption, register, replace_layer
 from ..layers import DenseSparseLinear, project_24, sparse24_bytes, validate_24_layers
-from ..objective import hidden_distillation
+from ..grad import train_only
+from ..objective import final_hidden, hidden_distillation, logit_kd
 from ..linalg import output_error, truncated_svd
 from ..targets import set_module
 from ...errors import UserError
-from ...progress import log, track
+from ...progress import track
+from ...train import TrainConfig, train
+from ...train.checkpoint import check_state_folder
 
 STF_STEPS = MethodOption("stf-steps", int, 200, "Straight-Through Factorizer steps (0 = per-layer SVD init only)")
 STF_LR = MethodOption("stf-lr", float, 1e-4, "STF Adam learning rate on the latent factors")
 STF_BATCH = MethodOption("stf-batch", int, 2, "calibration windows per STF step")
-STF_CKPT = MethodOption("stf-checkpoint", str, None, "folder for the resumable STF checkpoint (stf.pt)")
+STF_CKPT = MethodOption("stf-checkpoint", str, None, "folder for the resumable STF checkpoint (trainer.pt)")
 STF_SAVE_EVERY = MethodOption("stf-save-every", int, 25, "STF checkpoint interval in steps")
 
 
@@ -113,27 +115,12 @@ class STFLinear(nn.Module):
             return DenseSparseLinear(self.D, project_24(self.S), self.bias)
 
 
-def _hidden(loaded, model: nn.Module, batch: dict) -> torch.Tensor:
-    base = model.base_model
-    kw = {"use_cache": False} if loaded.kind == "decoder" else {}
-    return base(**batch, **kw).last_hidden_state
-
-
-def distill_loss(loaded, model: nn.Module, h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+def distill_loss(loaded, model: nn.Module, batch: dict, h_t: torch.Tensor) -> torch.Tensor:
+    """Decoders: KL of the next-token distributions; encoders: relative error of the last hidden state."""
+    h_s = final_hidden(loaded, model, batch)
     if loaded.kind == "decoder":
-        head = model.get_output_embeddings()
-        with torch.no_grad():
-            logp_t = F.log_softmax(head(h_t).float(), -1)
-        logp_s = F.log_softmax(head(h_s).float(), -1)
-        return F.kl_div(logp_s.flatten(0, 1), logp_t.flatten(0, 1), log_target=True, reduction="batchmean")
+        return logit_kd(model.get_output_embeddings(), h_s, h_t)
     return hidden_distillation(h_s, h_t)
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @register
@@ -142,6 +129,10 @@ class DSFormerMethod(Method):
     summary = "DSFormer: W ~ dense D (out x k) x 2:4-sparse S (k x in); SVD init + joint Straight-Through Factorizer"
     options = (STF_STEPS, STF_LR, STF_BATCH, STF_CKPT, STF_SAVE_EVERY)
     needs_calibration = True
+
+    def check_options(self, options: dict) -> None:
+        if options.get("stf_checkpoint"):
+            check_state_folder(options["stf_checkpoint"], "--stf-checkpoint")
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         calib = ctx.require_calibration()
@@ -168,7 +159,7 @@ class DSFormerMethod(Method):
                        for i in range(0, len(w), bs)]
             with torch.no_grad():
                 model.eval()
-                teacher = [_hidden(loaded, model, b).detach() for b in track(batches, "dsformer teacher outputs")]
+                teacher = [final_hidden(loaded, model, b).detach() for b in track(batches, "dsformer teacher outputs")]
 
         originals: dict[str, nn.Module] = {}
         stf: dict[str, STFLinear] = {}
@@ -208,52 +199,18 @@ class DSFormerMethod(Method):
 
     def _train(self, model: nn.Module, loaded, stf: dict[str, STFLinear], batches: list[dict], teacher: list[torch.Tensor],
                steps: int, ctx: CompressContext, ks: dict[str, int]) -> list[float]:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        """Joint STF through the package's one training loop (train/): constant lr, no clipping,
+        resumable from --stf-checkpoint (trainer.pt)."""
         params = [p for m in stf.values() for p in (m.D, m.S)]
-        for p in params:
-            p.requires_grad_(True)
         lr = float(ctx.opt("stf_lr", 1e-4))
-        opt = torch.optim.Adam(params, lr=lr)
-        ckpt_dir = ctx.opt("stf_checkpoint")
-        path = Path(ckpt_dir) / "stf.pt" if ckpt_dir else None
         calib_cfg = ctx.calibration.config
-        signature = {"model": loaded.name, "ratio": ctx.ratio, "seed": ctx.seed, "lr": lr, "batch": ctx.opt("stf_batch", 2),
+        signature = {"model": loaded.name, "ratio": ctx.ratio, "seed": ctx.seed, "batch": ctx.opt("stf_batch", 2),
                      "calib": [calib_cfg.n, calib_cfg.length, calib_cfg.seed, calib_cfg.text_file],
                      "k": {n: ks[n] for n in stf}}
-        start, history = 0, []
-        if path is not None and path.exists():
-            state = torch.load(path, map_location=ctx.device, weights_only=False)
-            if state.get("signature") != signature:
-                raise UserError(f"STF checkpoint {path} was written for a different build (model/ratio/targets/calibration/lr)",
-                                "delete that folder or pass another --stf-checkpoint")
-            with torch.no_grad():
-                for n, m in stf.items():
-                    m.D.copy_(state["latents"][n]["D"])
-                    m.S.copy_(state["latents"][n]["S"])
-            opt.load_state_dict(state["optimizer"])
-            start, history = int(state["step"]), list(state["history"])
-            log(f"STF: resumed from {path} at step {start}")
-
-        def save(step: int) -> None:
-            if path is None:
-                return
-            _atomic_save({"signature": signature, "step": step, "history": history, "optimizer": opt.state_dict(),
-                          "latents": {n: {"D": m.D.detach(), "S": m.S.detach()} for n, m in stf.items()}}, path)
-
-        model.eval()  # no dropout: distillation against deterministic teacher outputs
-        every = max(1, int(ctx.opt("stf_save_every", 25)))
-        for step in track(range(start, steps), "STF (joint, straight-through)", total=max(0, steps - start)):
-            i = step % len(batches)
-            loss = distill_loss(loaded, model, _hidden(loaded, model, batches[i]), teacher[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.append(float(loss.detach()))
-            if (step + 1) % every == 0:
-                save(step + 1)
-        if start < steps:
-            save(steps)
-        for p in params:
-            p.requires_grad_(False)
-        return history
+        cfg = TrainConfig(steps=steps, lr=lr, warmup=0, min_lr_ratio=1.0, grad_clip=0.0, seed=ctx.seed, keep_best=False,
+                          save_every=max(1, int(ctx.opt("stf_save_every", 25))), checkpoint=ctx.opt("stf_checkpoint"),
+                          device=ctx.device, desc="STF (joint, straight-through)")
+        with train_only(model, params):
+            res = train(model, params, lambda m, item: distill_loss(loaded, m, item[0], item[1]),
+                        list(zip(batches, teacher)), cfg, signature=signature)
+        return res.losses

@@ -8,46 +8,25 @@ from torch import nn
 from ...errors import UserError
 from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
 from ..budget import allocate_by_threshold, uniform_rank
-from ..finetune import finetune_factors
 from ..layers import LowRankLinear
 from ..linalg import Factors, output_error, singular_values, truncated_svd
-from ..objective import TaskObjective
 from ...progress import track
 
 ALLOCATION = MethodOption("allocation", str, "uniform",
                           "rank allocation: same byte ratio per layer, or WeLore's global spectrum threshold",
                           choices=("uniform", "welore"))
-FINETUNE_STEPS = MethodOption("finetune-steps", int, 0,
-                              "fine-tune only the low-rank factors for K steps on the calibration text before export", min=0)
-FINETUNE_LR = MethodOption("finetune-lr", float, None,
-                           "Adam learning rate for --finetune-steps (default: 1e-4 for encoders, 1e-5 for decoders)",
-                           min=0.0, min_open=True)
-# Measured (docs/lowrank-methods.md): at 1e-4 Adam's first steps wreck SmolLM2's whitened factors
-# (next-token loss 4.5 -> 20 after one step; perplexity 175 -> 3191 at ratio 0.35), 1e-5 recovers
-# (175 -> 97); on MiniLM 1e-4 is the better of the two.
-DEFAULT_FINETUNE_LR = {"encoder": 1e-4, "decoder": 1e-5}
 
 
 class LowRankMethod(Method):
     """Shared driver for every SVD-family method: allocate ranks, factor each layer, swap it in.
 
     Subclasses override `spectrum` (the singular values that drive allocation) and `factor`
-    (the rank-r factors); everything else - budget, dense fallback, records and the optional
-    factor-only fine-tuning (`--finetune-steps`, WeLore's LRC-only recipe) - lives here once.
+    (the rank-r factors); everything else - budget, dense fallback, records - lives here once.
+    Training the factors afterwards (WeLore's LRC-only tuning) is the build's recovery stage
+    (`--recover-steps N --adapter none`, recover/), shared by every method.
     """
 
-    options = (ALLOCATION, FINETUNE_STEPS, FINETUNE_LR)
-    _objective: TaskObjective | None = None
-
-    def uses_calibration(self, options: dict) -> bool:
-        return self.needs_calibration or options.get("finetune_steps", 0) > 0
-
-    def task_objective(self, model: nn.Module, ctx: CompressContext) -> TaskObjective:
-        """The fine-tuning loss (encoders: token-level distillation against the ORIGINAL model),
-        built once, before any layer changes."""
-        if self._objective is None:
-            self._objective = TaskObjective(ctx.require_calibration(), model, encoder_target="tokens")
-        return self._objective
+    options = (ALLOCATION,)
 
     def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:
         """Hook for data collection before any layer changes (calibration statistics etc.)."""
@@ -82,9 +61,6 @@ class LowRankMethod(Method):
         return {n: uniform_rank(o, i, ctx.ratio) for n, (o, i) in shapes.items()}
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
-        self._objective = None
-        if ctx.opt("finetune_steps", 0) > 0:
-            self.task_objective(model, ctx)  # capture the original outputs first
         self.prepare(model, targets, ctx)
         ranks = self.ranks(model, targets, ctx)
         records = []
@@ -100,22 +76,10 @@ class LowRankMethod(Method):
             records.append(replace_layer(model, name, new, self.metrics(name, W, f)))
         result = CompressResult(records, notes=[self.allocation_note])
         self.finish(model, ctx, result)
-        if ctx.opt("finetune_steps", 0) > 0:
-            self.finetune(model, ctx, result)
         return result
 
     def finish(self, model: nn.Module, ctx: CompressContext, result: CompressResult) -> None:
         """Hook after every layer is swapped (notes, extra report data)."""
-
-    def finetune(self, model: nn.Module, ctx: CompressContext, result: CompressResult) -> None:
-        """Train only the LowRankLinear factors (everything else frozen) on the calibration text."""
-        steps, objective = ctx.opt("finetune_steps", 0), self.task_objective(model, ctx)
-        lr = ctx.opt("finetune_lr", DEFAULT_FINETUNE_LR[objective.kind])
-        log = finetune_factors(model, ctx.require_calibration(), objective, steps, lr, ctx.seed)
-        s = log.summary()
-        result.extra["finetune"] = s | {"loss": objective.description, "losses": [round(x, 5) for x in log.losses]}
-        result.notes.append(f"low-rank-factor-only fine-tuning: {steps} steps, lr {s['lr']}, {s['trainable_params']:,} "
-                            f"trainable params; {objective.description}; loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}")
 
 
 @register

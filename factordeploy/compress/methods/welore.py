@@ -4,8 +4,8 @@ Per matrix the singular values are min-max normalised; one global tau (found by 
 budget.allocate_by_threshold) prunes those below it, so each matrix keeps a rank set by its
 own spectrum's shape. A matrix whose rank reduction is below `--min-reduction` stays dense
 (N-LRC); the rest become LowRankLinear (LRC) with balanced factors U sqrt(S), sqrt(S) V^T.
-`--finetune-steps K` then trains only the LRC factors on the calibration text with the
-model's own loss (compress/finetune.py). WeLore IS an allocation, so it takes no --allocation.
+WeLore's LRC-only tuning is the build's recovery stage with `--adapter none` (the factors
+themselves train, by distillation from the original; recover/). WeLore IS an allocation, so it takes no --allocation.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..base import CompressContext, CompressResult, MethodOption, register
 from ..linalg import Factors, truncated_svd
-from .svd import FINETUNE_LR, FINETUNE_STEPS, LowRankMethod
+from .svd import LowRankMethod
 
 MIN_REDUCTION = MethodOption("min-reduction", float, 0.5,
                              "WeLore: a matrix becomes low-rank (LRC) only if its rank drops by at least this fraction",
@@ -26,7 +26,7 @@ MIN_REDUCTION = MethodOption("min-reduction", float, 0.5,
 class WeLoreMethod(LowRankMethod):
     name = "welore"
     summary = "WeLore: global threshold on normalised spectra, LRC/N-LRC split, optional LRC-only fine-tuning"
-    options = (MIN_REDUCTION, FINETUNE_STEPS, FINETUNE_LR)
+    options = (MIN_REDUCTION,)
 
     def allocation(self, ctx: CompressContext) -> str:
         return "welore"
