@@ -24,6 +24,7 @@ STAGES: tuple[st.Stage, ...] = (
     st.teacher,          # --recover-steps: recovery data + the ORIGINAL's outputs on it
     st.calibrate,        # calibration windows, when the method uses them
     st.compress,         # the method replaces the targeted linears; sizes, per-layer records
+    st.attention,        # --attention combiner-*: each self-attention core becomes Combiner
     st.recovery,         # --recover-steps: distil toward the original, merge adapters into the factors
     st.evaluate,         # quality of the compressed model vs the original's reference
     st.export,           # torch -> raw ONNX (custom ops as custom-domain nodes)

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .attention import CHOICES as ATTENTION_CHOICES
 from .build import BuildConfig, run_build
 from .compress.base import MethodOption, all_methods, all_options, method_options
 from .compress.calibration import CalibrationConfig
@@ -132,12 +133,16 @@ def _op_lowering_options(f):
               help="distillation temperature (decoders)")
 @click.option("--recover-checkpoint", type=click.Path(), default=None,
               help="folder for the resumable recovery checkpoint; rerunning the same command resumes from it")
+@click.option("--attention", default="full", show_default=True, type=click.Choice(list(ATTENTION_CHOICES)),
+              help="replace every self-attention core with Combiner structured attention (sub-quadratic)")
+@click.option("--attention-block", type=int, default=0,
+              help="Combiner block (local window) size [default: about sqrt of the --seq opt length]")
 @_op_lowering_options
 @_method_options
 def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
           quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, recover_steps, adapter,
           adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
-          recover_checkpoint, **method_opts):
+          recover_checkpoint, attention, attention_block, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     ort_lowering = {k[len("ort_op_"):]: method_opts.pop(k) for k in list(method_opts) if k.startswith("ort_op_")}
     set_quiet(quiet)
@@ -150,7 +155,7 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
                       sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq,
-                      quantize=quantize, calib_cache=calib_cache,
+                      quantize=quantize, calib_cache=calib_cache, attention=attention, attention_block=attention_block,
                       recovery=RecoveryConfig(steps=recover_steps, adapter=adapter, rank=adapter_rank, lr=recover_lr,
                                               batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
                                               samples=recover_samples, seq_len=calib_len,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .attention import AttentionConfig, check_attention, default_block
 from .compress.base import get_method
 from .compress.calibration import CalibrationConfig
 from .compress.targets import DEFAULT_EXCLUDE
@@ -64,6 +65,18 @@ class BuildConfig:
     calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
     trt_seq: str = "1:128:512"
+    # structured attention (attention/): full | combiner-fixed | combiner-logsparse | combiner-axial
+    attention: str = "full"
+    attention_block: int = 0  # 0 = about sqrt of the --seq opt length
+
+    def attention_config(self, model: Any = None) -> AttentionConfig:
+        """--attention/--attention-block against the profile's lengths: opt sets the default block; the maximum
+        is the --seq max, capped by the model's position table once the model is loaded."""
+        seq = Range3.parse(self.trt_seq, "seq")
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_len = min(seq.max, int(positions)) if positions else seq.max
+        return AttentionConfig(kind=self.attention, block=self.attention_block or default_block(seq.opt),
+                               max_len=max_len)
     # Recovery stage (recover/): distillation after compression, before export; steps 0 = off
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
@@ -87,6 +100,7 @@ def check_config(cfg: BuildConfig) -> None:
     check_policies(cfg.ort_lowering)
     check_mode(cfg.quantize)
     check_engine_config(cfg)
+    check_attention(cfg.attention_config())
     if cfg.calib.text_file is not None:
         read_text_input(cfg.calib.text_file, "--calib-data")
     check_out(cfg.out, cfg.overwrite, input_paths(cfg))

@@ -94,6 +94,7 @@ class Report:
     calibration: dict[str, Any] | None = None
     size: SizeReport | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
+    attention: dict[str, Any] = field(default_factory=dict)  # --attention: kind, block, max_len, layers, kv_cache
     recovery: dict[str, Any] | None = None  # --recover-steps: adapter, data, losses, eval curve, memory, time
     export: dict[str, Any] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)

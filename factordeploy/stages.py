@@ -25,6 +25,7 @@ import torch
 import transformers
 from torch import nn
 
+from .attention import AttentionConfig, check_supported, install_combiner
 from .compress.base import CompressContext, CompressResult, Method, get_method
 from .compress.calibration import Calibration
 from .compress.targets import find_targets
@@ -65,6 +66,7 @@ class BuildState:
     method: Method | None = None
     result: CompressResult | None = None
     factorized: dict[str, dict] = field(default_factory=dict)  # layer -> describe(): the pass manifest
+    attention: AttentionConfig | None = None  # --attention resolved against the loaded model
     plan: CheckPlan | None = None  # what the export check runs (decoders: prefill + cached decode steps)
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
@@ -106,6 +108,8 @@ def load(s: BuildState) -> None:
         raise UserError(f"model '{cfg.model}' has no nn.Linear layers matching the target patterns",
                         "pick a transformer with linear layers, or widen the target patterns")
     s.before = model_bytes(s.model)
+    s.attention = s.cfg.attention_config(s.model)
+    check_supported(s.model, s.attention)  # an unsupported --attention fails before any work
     s.report.model = {"name": s.loaded.name, "kind": s.loaded.kind, "source": s.loaded.source}
 
 
@@ -160,6 +164,14 @@ def compress(s: BuildState) -> None:
     s.report.layers = [asdict(x) for x in r.layers]
 
 
+def attention(s: BuildState) -> None:
+    """--attention combiner-*: every self-attention core becomes Combiner (trained q/k/v/o and RoPE kept)."""
+    a = s.attention or s.cfg.attention_config(s.model)
+    s.report.attention = {"kind": a.kind}
+    if a.pattern is not None:
+        with stage(f"attention ({a.kind}, block {a.block})", s.timings):
+            replaced = install_combiner(s.model, a)
+        s.report.attention |= {"block": a.block, "max_len": a.max_len, "layers": len(replaced), "kv_cache": False}
 def teacher(s: BuildState) -> None:
     """--recover-steps: the recovery data and the ORIGINAL model's outputs on it, before compression."""
     if s.cfg.recovery.steps > 0:
@@ -193,11 +205,16 @@ def evaluate(s: BuildState) -> None:
 def export(s: BuildState) -> None:
     """torch -> ONNX (custom ops as custom-domain nodes); the raw export feeds both runtimes' passes."""
     raw = s.folder / "exported.onnx"
+    a = s.attention
+    combiner = a is not None and a.pattern is not None
     with stage("export compressed", s.timings):
-        exp = export_onnx(s.loaded, s.model, raw)
+        # Combiner: traced at the longest length built for (every logsparse tree level has two nodes in the
+        # example, so the exporter keeps general shapes), and decoders without a KV cache: a span value needs
+        # the past tokens' queries, which a KV cache does not keep
+        exp = export_onnx(s.loaded, s.model, raw, **({"seq": a.max_len, "with_past": False} if combiner else {}))
     s.artifacts["exported"] = raw
     s.report.export = asdict(exp) | {"path": "model.onnx"}
-    s.plan = check_plan(s.loaded, s.model)
+    s.plan = check_plan(s.loaded, s.model, with_past=not combiner)
     s.feeds = s.plan.feeds
 
 

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ops",),                            # custom ops: spec, body, emit, one package per op
     ("models",),
     ("train",),                          # the one training loop (generic: loss and data plugged in)
-    ("compress",),
+    ("compress", "attention"),          # attention/: structured attention replacing a model's attention core
     ("recover",),                        # recovery stage: distillation + adapters merged into factors
     ("export",),
     ("passes",),

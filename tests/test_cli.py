@@ -107,3 +107,16 @@ def test_method_option_values_checked_from_the_cli_neutral_declaration(tmp_path)
     with pytest.raises(UserError, match="--min-reduction"):
         method_options("welore", {"min_reduction": 1.5})
     assert method_options("dsformer", {"stf_steps": "3"})["stf_steps"] == 3
+
+
+def test_attention_block_larger_than_max_length(tmp_path):
+    _bad(["--attention", "combiner-fixed", "--attention-block", "1024", "--seq", "1:128:512"], tmp_path / "o",
+         "--attention-block 1024 is larger than the maximum sequence length 512")
+
+
+def test_attention_on_a_model_without_the_attention_interface(tmp_path, monkeypatch):
+    from transformers import BertModel
+
+    monkeypatch.setattr(BertModel, "_supports_attention_backend", False)
+    _bad(["--model", "minilm", "--attention", "combiner-axial", "--no-eval", "--no-baseline"], tmp_path / "o",
+         "--attention combiner-axial is not supported for BertModel")

@@ -58,12 +58,13 @@ class ExportResult:
 
 
 def export_onnx(loaded: LoadedModel, model: nn.Module, path: str | Path, opset: int = OPSET,
-                batch: int = 2, seq: int = 16, optimize: bool = False) -> ExportResult:
+                batch: int = 2, seq: int = 16, optimize: bool = False, with_past: bool = True) -> ExportResult:
     """Export `model` (the loaded model or a compressed copy) to `path` and validate it.
 
     Encoders: `input_ids, attention_mask[, token_type_ids] -> last_hidden_state`. Decoders get
     the KV-cache signature of Optimum's with-past export (export/kv_cache.py), so the same
-    model.onnx serves prefill and decode steps.
+    model.onnx serves prefill and decode steps; `with_past=False` exports a decoder's full-sequence
+    forward only (`input_ids, attention_mask -> logits`), for attention whose state is not a KV cache.
 
     The exporter's own onnxscript optimizer is off by default: on a 30-layer decoder it
     costs as much as the translation itself, and our pass pipeline (passes/) folds
@@ -73,7 +74,7 @@ def export_onnx(loaded: LoadedModel, model: nn.Module, path: str | Path, opset: 
     device = next(model.parameters()).device  # export where the model lives (cuda for big models)
     inputs = loaded.example_inputs(batch, seq)
     max_pos = int(getattr(getattr(model, "config", None), "max_position_embeddings", 8192) or 8192)
-    if loaded.kind == "decoder":
+    if loaded.kind == "decoder" and with_past:
         spec = kv_cache.CacheSpec.from_config(model.config)
         wrapper: nn.Module = kv_cache.WithPast(model, spec).eval()
         args = tuple(a.to(device) for a in kv_cache.example_args(spec, inputs["input_ids"]))

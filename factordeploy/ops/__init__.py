@@ -29,6 +29,7 @@ PLUGIN_VERSION = "1"
 OP_PACKAGES = (
     "sparse_dict_matmul",
     "sparse_matmul",
+    "combiner_attention",
 )
 
 _OPS: dict[str, OpSpec] = {}

@@ -5,6 +5,8 @@ An op writes its body once (`OpSpec.body(b, inputs, outputs, attrs)`) against `B
 final node to a given output, `b.const("axes", array)` makes a constant. From that one body:
 - `inline(spec, node, prefix)`: nodes replacing a custom node in a graph (the ONNX Runtime lowering),
   reading the node's own input tensors;
+- `Body.adopt(graph, ...)`: a body may also be a traced graph (e.g. the op's torch reference exported
+  once by the dynamo exporter) whose nodes are appended under the prefix;
 - `as_function(spec)`: a gs.Function (ONNX model-local function, domain and name of the op), which
   ONNX Runtime expands where the TensorRT graph keeps the custom node for the plugin.
 """
@@ -42,6 +44,27 @@ class Body:
         self.nodes.append(gs.Node(op_type, self._name(f"{op_type}_{role}"), attrs=dict(attrs or {}),
                                   inputs=list(inputs), outputs=[y]))
         return y
+
+    def adopt(self, graph: gs.Graph, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Tensor]) -> None:
+        """Append a standalone graph's nodes (e.g. an op's torch reference traced by the exporter), its
+        inputs and outputs bound to `inputs` / `outputs`, every other tensor renamed under the prefix."""
+        bound: dict[str, gs.Tensor] = {t.name: x for t, x in zip(graph.inputs, inputs)}
+        bound |= {t.name: y for t, y in zip(graph.outputs, outputs)}
+
+        def tensor(t: gs.Tensor) -> gs.Tensor:
+            if t.name in bound:
+                return bound[t.name]
+            if not t.name:
+                return gs.Variable.empty()
+            new = gs.Constant(self._name(t.name), t.values) if isinstance(t, gs.Constant) else \
+                gs.Variable(self._name(t.name), dtype=t.dtype)
+            bound[t.name] = new
+            return new
+
+        for n in graph.toposort().nodes:
+            self.nodes.append(gs.Node(n.op, self._name(n.name or f"{n.op}_{len(self.nodes)}"), attrs=dict(n.attrs),
+                                      inputs=[tensor(t) for t in n.inputs], outputs=[tensor(t) for t in n.outputs],
+                                      domain=n.domain))
 
 
 def inline(spec: OpSpec, node: gs.Node, attrs: dict, prefix: str) -> list[gs.Node]:

@@ -112,11 +112,11 @@ def text_feeds(loaded: LoadedModel) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def check_plan(loaded: LoadedModel, model: torch.nn.Module, decode_steps: int = 3) -> CheckPlan:
-    """Encoders: the output on real text at two shapes. Decoders (KV-cache graph): a prefill with
-    past length 0 and `decode_steps` cached steps per prompt batch, comparing logits and every
-    present key/value (export/kv_cache.py)."""
-    if loaded.kind != "decoder":
+def check_plan(loaded: LoadedModel, model: torch.nn.Module, decode_steps: int = 3, with_past: bool = True) -> CheckPlan:
+    """Encoders (and decoders exported without a cache): the output on real text at two shapes.
+    Decoders (KV-cache graph): a prefill with past length 0 and `decode_steps` cached steps per
+    prompt batch, comparing logits and every present key/value (export/kv_cache.py)."""
+    if loaded.kind != "decoder" or not with_past:
         return CheckPlan(lambda x: loaded.output(model, x), text_feeds(loaded), list(loaded.input_names),
                          [loaded.output_name])
     spec = kv_cache.CacheSpec.from_config(model.config)
