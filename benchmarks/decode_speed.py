@@ -9,6 +9,9 @@ the with-past signature, run the ORT pass pipeline (optionally --quantize int8),
   the cached-step rate alone,
 * greedy token identity against the torch compressed model's `generate` on 5 prompts
   (--check-tokens new tokens each),
+* quality of the artifact itself (ORT, so int8 included) against the original fp32 torch model:
+  perplexity ratio and next-token top-1 agreement on held-out wiki (in domain) and news (out of domain,
+  never calibrated on) windows (--quality-windows x 256 tokens, verify.domains),
 
 next to the artifact's bytes. Decode is memory-bound, so `bytes ratio` (original file / cell file)
 is the speedup to expect; `speedup` is the measured one. Resumable: finished cells are kept in the
@@ -35,6 +38,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+QUALITY_DOMAINS = ("wiki", "news")  # in domain (held-out split) and out of domain (never calibrated on)
 CHECK_PROMPTS = ["The history of the city begins", "In 1990, the company announced",
                  "The main difference between a virus and a bacterium is", "def fibonacci(n):",
                  "She opened the door and saw"]
@@ -81,6 +85,20 @@ def quantize_cell(path: Path) -> tuple[Path, dict]:
                           "quantize_s": round(time.perf_counter() - t0, 1)}
 
 
+def quality(session, path: Path, windows: int, cache: dict) -> dict:
+    """Perplexity ratio and top-1 agreement of the ORT artifact vs the original fp32 torch model, per domain."""
+    from factordeploy.engines.ort_model import OrtModel
+    from factordeploy.verify.domains import DomainSample, decoder_agreement
+
+    test, out = OrtModel(path, threads=1), {}
+    for domain in QUALITY_DOMAINS:
+        s = DomainSample(domain=domain, windows=windows, window_len=256)
+        r = decoder_agreement(session.loaded, session.loaded.model, test, s, reference_ppl=cache.get(domain))
+        cache[domain] = r["perplexity_original"]
+        out[domain] = {k: r[k] for k in ("perplexity", "perplexity_original", "perplexity_ratio", "top1_agreement")}
+    return {"quality": out, "quality_windows": f"{windows} x 256"}
+
+
 def measure(session, model, path: Path, args) -> dict:
     import torch
 
@@ -122,7 +140,14 @@ def measure(session, model, path: Path, args) -> dict:
             row.setdefault("check_first_mismatch", []).append(
                 next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None))
         row["greedy_identical"] = f"{same}/{len(CHECK_PROMPTS)}"
+    if args.quality_windows:
+        row |= quality(session, path, args.quality_windows, args.ppl_cache)
     return row
+
+
+def _quality(row: dict, key: str) -> str:
+    q = row.get("quality")
+    return " / ".join(f"{q[d][key]:.3f}" for d in QUALITY_DOMAINS) if q else "-"
 
 
 def render(rows: list[dict], threads: int) -> str:
@@ -137,16 +162,19 @@ def render(rows: list[dict], threads: int) -> str:
         return base["file_bytes"] / r["file_bytes"], r["tokens_per_s"] / base["tokens_per_s"]
 
     lines = [f"ONNX Runtime CPU, batch 1, {threads} thread(s); tokens/s over prompt + all new tokens; "
-             "bytes ratio = original file / this file, speedup = this tokens/s / original tokens/s", "",
+             "bytes ratio = original file / this file, speedup = this tokens/s / original tokens/s; "
+             "ppl ratio and top-1 agreement: the ORT artifact vs the original fp32 torch model", "",
              "| method | ratio | weights | MB | bytes ratio vs fp32 orig | speedup vs fp32 orig | bytes ratio vs same-weights orig "
-             "| speedup vs same-weights orig | prefill ms | tokens/s | cached steps tok/s | greedy = torch | check mean / max abs |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| speedup vs same-weights orig | prefill ms | tokens/s | cached steps tok/s | ppl ratio wiki / news | top-1 agree wiki / news "
+             "| greedy = torch | check mean / max abs |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for r in rows:
         br, sp = ratios(r, orig.get("none"))
         br_q, sp_q = ratios(r, orig.get(r["quantize"]))
         lines.append(f"| {r['method']} | {r['ratio'] if r['ratio'] is not None else '-'} | {'int8' if r['quantize'] == 'int8' else 'fp32'} | "
                      f"{r['file_bytes'] / 1e6:.1f} | {br:.2f}x | {sp:.2f}x | {br_q:.2f}x | {sp_q:.2f}x | {r['prefill_ms']:.0f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {r.get('greedy_identical', '-')} | "
+                     f"{r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {_quality(r, 'perplexity_ratio')} | "
+                     f"{_quality(r, 'top1_agreement')} | {r.get('greedy_identical', '-')} | "
                      f"{r.get('check_mean_abs', nan):.2g} / {r.get('check_max_abs', nan):.2g} |")
     return "\n".join(lines)
 
@@ -162,13 +190,15 @@ def render(rows: list[dict], threads: int) -> str:
 @click.option("--prefill-runs", type=int, default=5, show_default=True)
 @click.option("--check-tokens", type=int, default=16, show_default=True, help="greedy identity check length (0 = off)")
 @click.option("--check-steps", type=int, default=3, show_default=True, help="decode steps of the torch-vs-ORT check (0 = off)")
+@click.option("--quality-windows", type=int, default=4, show_default=True,
+              help="256-token windows per domain (wiki, news) for the artifact's perplexity vs the original (0 = off)")
 @click.option("--threads", type=int, default=1, show_default=True, help="ORT intra-op threads (original measured alike)")
 @click.option("--calib", type=int, default=128, show_default=True)
 @click.option("--max-cells", type=int, default=0,
               help="stop after this many new (method, ratio) groups, each with all its --quantize cells (rerun resumes)")
 @click.option("--out", default=None, help="JSON path [default: benchmarks/results/decode_speed-<model>.json]")
 def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefill_runs, check_tokens, check_steps,
-         threads, calib, max_cells, out):
+         quality_windows, threads, calib, max_cells, out):
     from factordeploy.compress.calibration import CalibrationConfig
     from factordeploy.pipeline import open_session
     from factordeploy.progress import log
@@ -176,7 +206,7 @@ def main(model, methods, ratios, quants, prompt_len, new_tokens, repeats, prefil
     out_path = Path(out or f"benchmarks/results/decode_speed-{model}.json")
     doc = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
     done = {cell_key(r["method"], r["ratio"], r["quantize"]) for r in doc["rows"]}
-    args = click.get_current_context().params | {"threads": threads}
+    args = click.get_current_context().params | {"threads": threads, "ppl_cache": {}}
     args = type("Args", (), args)
     groups: dict[tuple[str, float | None], list[str]] = {}  # (method, ratio) -> quantizations still to run
     for m in methods.split(","):
