@@ -178,7 +178,7 @@ def test_recovery_stage_on_a_compressed_tiny_llama(tiny_llama_dir, adapter, tmp_
     assert ev == pytest.approx(t["best_eval"], rel=1e-4)
 
 
-@pytest.mark.parametrize("content, match", [(None, "not found"), (b"", "empty"), (b"\x00\x01\x02binary", "not a text file"),
+@pytest.mark.parametrize("content, match", [(None, "not found"), (b"", "empty"), (b"\x00\x01\x02binary", "binary data"),
                                             (b"\xff\xfe bad", "not UTF-8")])
 def test_bad_recover_data_fails_before_any_work(tmp_path, content, match):
     from factordeploy.cli import main
@@ -205,11 +205,13 @@ def test_build_with_recovery_end_to_end(tiny_llama_dir, tmp_path):
     r = CliRunner().invoke(main, ["build", "--model", str(tiny_llama_dir), "--method", "sparse24", "--score", "magnitude",
                                   "--out", str(out), "--no-baseline", "--backend", "ort", "--calib", "4", "--calib-len", "32",
                                   "--recover-steps", "3", "--adapter", "lora-ggpo", "--adapter-rank", "2",
-                                  "--recover-data", "wiki", "--recover-samples", "4", "--recover-batch", "2", "--quiet", "--no-eval"])
+                                  "--recover-data", "wiki", "--recover-samples", "4", "--recover-batch", "2", "--quiet", "--no-eval",
+                                  "--recover-hidden-weight", "0.5"])
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
     rec = rep["recovery"]
     assert rec["adapter"]["adapter"] == "lora-ggpo" and rec["bytes_unchanged"]
+    assert rec["config"]["hidden_weight"] == 0.5
     assert len(rec["train"]["losses"]) == 3
     assert rep["fidelity"]["passed"]
     assert "## Recovery" in (out / "report.md").read_text()
