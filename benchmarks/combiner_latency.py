@@ -1,14 +1,15 @@
 """ONNX Runtime CPU latency and peak memory: full attention vs Combiner patterns, one SmolLM2 attention layer
 and the whole SmolLM2 forward, over sequence lengths; the crossover length and each variant's growth exponent.
 
-    flock /work/locks/heavy.lock env OMP_NUM_THREADS=1 python benchmarks/combiner_latency.py \
+    /work/locks/slot env PYTHONPATH=. python benchmarks/combiner_latency.py \
         --layer-lengths 512,1024,2048,4096,8192 --model-lengths 512,1024,2048,4096,8192
 
 Each (scope, variant) is exported once with a dynamic length (CombinerAttention lowered as `deploy build`
 does for ONNX Runtime) and run in a fresh process, lengths in increasing order, so the process's peak RSS
 after a length minus the RSS after the session was made is that length's own peak memory. Batch 1, one intra-op thread. Latency: median of --runs
-after one warm-up. Exponent: least-squares slope of log(latency) on log(L). Writes
-benchmarks/results/combiner_latency.json and prints a table.
+after one warm-up. Exponent: least-squares slope of log(latency) on log(L) (all lengths, and the three longest, where the
+asymptotic term dominates). Each measured length is written to benchmarks/results/combiner_latency.json at
+once; a rerun with the same --block skips finished (scope, variant, L) cells, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _export(scope: str, variant: str, block: int, max_len: int, path: Path) -> N
     if variant != "full":
         install_combiner(lm.model, AttentionConfig(kind=variant, block=block, max_len=max_len))
     if scope == "model":
-        export_onnx(lm, lm.model, path, batch=1, seq=max_len)
+        # Full-sequence forward (input_ids, attention_mask -> logits) for every variant, as Combiner builds export.
+        export_onnx(lm, lm.model, path, batch=1, seq=max_len, with_past=False)
         _lower(path)
         return
 
@@ -76,7 +78,7 @@ def _lower(path: Path) -> None:
     onnx.save(run_pipeline(onnx.load(str(path)), ort_pipeline(), PassContext(layers={}, target="ort")), str(path))
 
 
-def worker(scope: str, path: Path, lengths: list[int], runs: int) -> None:
+def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: int) -> None:
     """Runs an exported artifact in a fresh process (so the export's memory is not in the peak)."""
     import numpy as np
     import onnxruntime as ort
@@ -93,7 +95,8 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int) -> None:
             feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         else:
             feeds = {"hidden": rng.standard_normal((1, L, 576)).astype(np.float32)}
-        sess.run(None, feeds)
+        if L < warmup_below:
+            sess.run(None, feeds)
         times = []
         for _ in range(runs):
             t = time.perf_counter()
@@ -101,7 +104,7 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int) -> None:
             times.append((time.perf_counter() - t) * 1e3)
         times.sort()
         print(json.dumps({"L": L, "median_ms": round(times[len(times) // 2], 2), "runs": runs,
-                          "peak_mb": round(_rss_mb() - base, 1)}), flush=True)
+                          "warmup": L < warmup_below, "peak_mb": round(_rss_mb() - base, 1)}), flush=True)
 
 
 def fit_exponent(rows: list[dict]) -> float | None:
@@ -113,6 +116,39 @@ def fit_exponent(rows: list[dict]) -> float | None:
     return round(sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts), 2)
 
 
+def _load(out: Path, block: int) -> list[dict]:
+    """Rows already measured with the same block (the script resumes: finished cells are skipped)."""
+    if not out.exists():
+        return []
+    d = json.loads(out.read_text())
+    return d["rows"] if d.get("block") == block else []
+
+
+def _summary(rows: list[dict], variants: list[str]) -> list[dict]:
+    summary = []
+    for scope in ("layer", "model"):
+        full = {r["L"]: r for r in rows if r["scope"] == scope and r["variant"] == "full"}
+        for v in variants:
+            rs = sorted((r for r in rows if r["scope"] == scope and r["variant"] == v), key=lambda r: r["L"])
+            if not rs:
+                continue
+            faster = [r["L"] for r in rs if r["L"] in full and r["median_ms"] < full[r["L"]]["median_ms"]]
+            summary.append({"scope": scope, "variant": v, "exponent": fit_exponent(rs),
+                            "exponent_top3": fit_exponent(rs[-3:]) if len(rs) >= 3 else None,
+                            "first_L_faster_than_full": faster[0] if faster and v != "full" else None})
+    return summary
+
+
+def _save(out: Path, a: argparse.Namespace, rows: list[dict], variants: list[str]) -> list[dict]:
+    summary = _summary(rows, variants)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"block": a.block, "threads": 1, "batch": 1, "rows": rows, "summary": summary,
+                               "command": " ".join(sys.argv)}, indent=1))
+    os.replace(tmp, out)
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer-lengths", default="512,1024,2048,4096,8192")
@@ -120,61 +156,67 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64, help="Combiner block (64 ~ sqrt(4096))")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--model-runs", type=int, default=1)
+    ap.add_argument("--warmup-below", type=int, default=1 << 30,
+                    help="lengths >= this skip the warm-up run (saves one forward at long lengths)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--export", nargs=3, metavar=("SCOPE", "VARIANT", "PATH"), help=argparse.SUPPRESS)
-    ap.add_argument("--run", nargs=2, metavar=("SCOPE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--run", nargs=3, metavar=("SCOPE", "PATH", "LENGTHS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.export or a.run:
-        scope = (a.export or a.run)[0]
-        lengths = [int(x) for x in (a.layer_lengths if scope == "layer" else a.model_lengths).split(",") if x]
-        if a.export:
-            _export(scope, a.export[1], a.block, max(lengths), Path(a.export[2]))
-        else:
-            worker(scope, Path(a.run[1]), lengths, a.runs if scope == "layer" else a.model_runs)
+    lengths_of = {"layer": [int(x) for x in a.layer_lengths.split(",") if x],
+                  "model": [int(x) for x in a.model_lengths.split(",") if x]}
+    if a.export:
+        _export(a.export[0], a.export[1], a.block, max(lengths_of[a.export[0]]), Path(a.export[2]))
         return
-    rows: list[dict] = []
+    if a.run:
+        scope = a.run[0]
+        worker(scope, Path(a.run[1]), [int(x) for x in a.run[2].split(",")],
+               a.runs if scope == "layer" else a.model_runs, a.warmup_below)
+        return
+    out, variants = Path(a.out), a.variants.split(",")
+    rows = _load(out, a.block)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for scope, lengths in (("layer", a.layer_lengths), ("model", a.model_lengths)):
-        if not lengths:
-            continue
-        for v in a.variants.split(","):
+    for scope, lengths in lengths_of.items():
+        for v in variants:
+            done = {r["L"] for r in rows if r["scope"] == scope and r["variant"] == v}
+            todo = [L for L in lengths if L not in done]
+            if not todo:
+                continue
+            # Exported for the scope's max length (logsparse's tree depth), whatever is left to run.
             common = ["--block", str(a.block), "--runs", str(a.runs), "--model-runs", str(a.model_runs),
+                      "--warmup-below", str(a.warmup_below),
                       "--layer-lengths", a.layer_lengths, "--model-lengths", a.model_lengths]
-            print(f"[combiner_latency] {scope} {v} ...", file=sys.stderr, flush=True)
+            print(f"[combiner_latency] {scope} {v}: export, then L = {todo}", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 path = str(Path(tmp) / "m.onnx")
                 t0 = time.perf_counter()
                 p = subprocess.run([sys.executable, __file__, "--export", scope, v, path, *common], env=env,
                                    capture_output=True, text=True)
                 export_s = round(time.perf_counter() - t0, 1)
-                if p.returncode == 0:
-                    p = subprocess.run([sys.executable, __file__, "--run", scope, path, *common], env=env,
-                                       capture_output=True, text=True)
-            if p.returncode != 0:
-                print(f"[combiner_latency] {scope} {v} failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            rows.extend({"scope": scope, "variant": v, "export_s": export_s, **json.loads(line)}
-                        for line in p.stdout.splitlines() if line.startswith("{"))
-    summary = []
-    for scope in ("layer", "model"):
-        full = {r["L"]: r for r in rows if r["scope"] == scope and r["variant"] == "full"}
-        for v in a.variants.split(","):
-            rs = sorted((r for r in rows if r["scope"] == scope and r["variant"] == v), key=lambda r: r["L"])
-            if not rs:
-                continue
-            faster = [r["L"] for r in rs if r["L"] in full and r["median_ms"] < full[r["L"]]["median_ms"]]
-            summary.append({"scope": scope, "variant": v, "exponent": fit_exponent(rs),
-                            "first_L_faster_than_full": faster[0] if faster and v != "full" else None})
-    print(f"\n{'scope':6} {'variant':20} " + " ".join(f"{'L=' + str(L):>17}" for L in sorted({r['L'] for r in rows})))
+                if p.returncode != 0:
+                    print(f"[combiner_latency] {scope} {v} export failed: {p.stderr.strip().splitlines()[-1:]}",
+                          file=sys.stderr)
+                    continue
+                run = subprocess.Popen([sys.executable, __file__, "--run", scope, path, ",".join(map(str, todo)),
+                                        *common], env=env, stdout=subprocess.PIPE, text=True)
+                assert run.stdout is not None
+                for line in run.stdout:  # each length is saved as soon as it is measured
+                    if line.startswith("{"):
+                        rows.append({"scope": scope, "variant": v, "export_s": export_s, **json.loads(line)})
+                        print(f"[combiner_latency] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+                        _save(out, a, rows, variants)
+                if run.wait() != 0:
+                    print(f"[combiner_latency] {scope} {v} run failed (exit {run.returncode})", file=sys.stderr)
+    summary = _save(out, a, rows, variants)
+    Ls = sorted({r["L"] for r in rows})
+    print(f"\n{'scope':6} {'variant':20} " + " ".join(f"{'L=' + str(L):>17}" for L in Ls))
     for s in summary:
         cells = {r["L"]: r for r in rows if r["scope"] == s["scope"] and r["variant"] == s["variant"]}
         line = " ".join(f"{cells[L]['median_ms']:>8.1f}ms/{cells[L]['peak_mb']:>5.0f}MB" if L in cells else " " * 17
-                        for L in sorted({r['L'] for r in rows}))
-        print(f"{s['scope']:6} {s['variant']:20} {line}   exp {s['exponent']}  crossover {s['first_L_faster_than_full']}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"block": a.block, "threads": 1, "batch": 1, "rows": rows, "summary": summary,
-                                       "command": " ".join(sys.argv)}, indent=1))
-    print(f"wrote {a.out}")
+                        for L in Ls)
+        print(f"{s['scope']:6} {s['variant']:20} {line}   exp {s['exponent']} (top 3: {s['exponent_top3']})  "
+              f"crossover {s['first_L_faster_than_full']}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
