@@ -33,6 +33,13 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
 def _export(scope: str, variant: str, block: int, max_len: int, path: Path) -> None:
     import torch
 
@@ -89,7 +96,14 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: 
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     base = _rss_mb()
     rng = np.random.default_rng(0)
+    prev: tuple[int, float] | None = None
     for L in lengths:
+        if prev is not None:  # do not push the shared machine into the OOM killer: predict the peak (<= quadratic)
+            need, avail = prev[1] * (L / prev[0]) ** 2, _available_mb() - 2048
+            if need > avail:
+                print(json.dumps({"L": L, "skipped": f"predicted peak {need:.0f} MB > {avail:.0f} MB available"}),
+                      flush=True)
+                return
         if scope == "model":
             ids = rng.integers(100, 40000, size=(1, L), dtype=np.int64)
             feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -103,6 +117,7 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: 
             sess.run(None, feeds)
             times.append((time.perf_counter() - t) * 1e3)
         times.sort()
+        prev = (L, max(_rss_mb() - base, 1.0))
         print(json.dumps({"L": L, "median_ms": round(times[len(times) // 2], 2), "runs": runs,
                           "warmup": L < warmup_below, "peak_mb": round(_rss_mb() - base, 1)}), flush=True)
 
@@ -201,7 +216,9 @@ def main() -> None:
                                         *common], env=env, stdout=subprocess.PIPE, text=True)
                 assert run.stdout is not None
                 for line in run.stdout:  # each length is saved as soon as it is measured
-                    if line.startswith("{"):
+                    if line.startswith("{") and "skipped" in line:
+                        print(f"[combiner_latency] {scope} {v}: {line.strip()}", file=sys.stderr, flush=True)
+                    elif line.startswith("{"):
                         rows.append({"scope": scope, "variant": v, "export_s": export_s, **json.loads(line)})
                         print(f"[combiner_latency] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
                         _save(out, a, rows, variants)
