@@ -5,9 +5,11 @@ and the whole SmolLM2 forward, over sequence lengths; the crossover length and e
         --layer-lengths 512,1024,2048,4096,8192 --model-lengths 512,1024,2048,4096,8192
 
 Each (scope, variant) is exported once with a dynamic length (CombinerAttention lowered as `deploy build`
-does for ONNX Runtime) and run in a fresh process, lengths in increasing order, so the process's peak RSS
-after a length minus the RSS after the session was made is that length's own peak memory. Batch 1, one intra-op thread. Latency: median of --runs
-after one warm-up. Exponent: least-squares slope of log(latency) on log(L) (all lengths, and the three longest, where the
+does for ONNX Runtime; --export-dir keeps the exports for reruns) and run in a fresh process. Peak memory
+of a length: the peak resident set during its runs (VmHWM, reset before them) minus the resident set just
+before, with ORT's memory arena off, i.e. the working memory of one forward at L beyond the loaded
+weights. Batch 1, one intra-op thread. Latency: median of --runs after one warm-up (--warmup-below: the
+long lengths skip the warm-up). Exponent: least-squares slope of log(latency) on log(L) (all lengths, and the three longest, where the
 asymptotic term dominates). Each measured length is written to benchmarks/results/combiner_latency.json at
 once; a rerun with the same --block skips finished (scope, variant, L) cells, so an interrupted run resumes.
 """
@@ -18,7 +20,7 @@ import argparse
 import json
 import math
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,10 +29,6 @@ from pathlib import Path
 
 VARIANTS = ("full", "combiner-fixed", "combiner-logsparse", "combiner-axial")
 OUT = Path(__file__).resolve().parent / "results" / "combiner_latency.json"
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _available_mb() -> float:
@@ -85,16 +83,28 @@ def _lower(path: Path) -> None:
     onnx.save(run_pipeline(onnx.load(str(path)), ort_pipeline(), PassContext(layers={}, target="ort")), str(path))
 
 
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
 def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: int) -> None:
-    """Runs an exported artifact in a fresh process (so the export's memory is not in the peak)."""
+    """Runs an exported artifact in a fresh process (so the export's memory is not in the peak).
+
+    Peak memory of a length = the process's peak resident set during that length's runs (VmHWM, reset
+    through /proc/self/clear_refs before them) minus its resident set just before: the working memory
+    one forward at L needs beyond the loaded session. ORT's CPU memory arena is off so each run frees
+    what it allocated and no length inherits a larger one's arena."""
     import numpy as np
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    base = _rss_mb()
     rng = np.random.default_rng(0)
     prev: tuple[int, float] | None = None
     for L in lengths:
@@ -109,6 +119,8 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: 
             feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         else:
             feeds = {"hidden": rng.standard_normal((1, L, 576)).astype(np.float32)}
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        base = _status_mb("VmRSS")
         if L < warmup_below:
             sess.run(None, feeds)
         times = []
@@ -117,13 +129,14 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: 
             sess.run(None, feeds)
             times.append((time.perf_counter() - t) * 1e3)
         times.sort()
-        prev = (L, max(_rss_mb() - base, 1.0))
+        peak = _status_mb("VmHWM") - base
+        prev = (L, max(peak, 1.0))
         print(json.dumps({"L": L, "median_ms": round(times[len(times) // 2], 2), "runs": runs,
-                          "warmup": L < warmup_below, "peak_mb": round(_rss_mb() - base, 1)}), flush=True)
+                          "warmup": L < warmup_below, "peak_mb": round(peak, 1)}), flush=True)
 
 
-def fit_exponent(rows: list[dict]) -> float | None:
-    pts = [(math.log(r["L"]), math.log(r["median_ms"])) for r in rows]
+def fit_exponent(rows: list[dict], key: str = "median_ms") -> float | None:
+    pts = [(math.log(r["L"]), math.log(max(r[key], 1e-3))) for r in rows]
     if len(pts) < 2:
         return None
     mx = sum(x for x, _ in pts) / len(pts)
@@ -150,6 +163,7 @@ def _summary(rows: list[dict], variants: list[str]) -> list[dict]:
             faster = [r["L"] for r in rs if r["L"] in full and r["median_ms"] < full[r["L"]]["median_ms"]]
             summary.append({"scope": scope, "variant": v, "exponent": fit_exponent(rs),
                             "exponent_top3": fit_exponent(rs[-3:]) if len(rs) >= 3 else None,
+                            "memory_exponent": fit_exponent(rs, "peak_mb"),
                             "first_L_faster_than_full": faster[0] if faster and v != "full" else None})
     return summary
 
@@ -175,6 +189,7 @@ def main() -> None:
                     help="lengths >= this skip the warm-up run (saves one forward at long lengths)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--export-dir", default="", help="keep the exported models here and reuse them on a rerun")
     ap.add_argument("--export", nargs=3, metavar=("SCOPE", "VARIANT", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--run", nargs=3, metavar=("SCOPE", "PATH", "LENGTHS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -203,15 +218,22 @@ def main() -> None:
                       "--layer-lengths", a.layer_lengths, "--model-lengths", a.model_lengths]
             print(f"[combiner_latency] {scope} {v}: export, then L = {todo}", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory() as tmp:
-                path = str(Path(tmp) / "m.onnx")
+                keep = Path(a.export_dir) / f"{scope}-{v}-b{a.block}-L{max(lengths)}" if a.export_dir else Path(tmp)
+                path = str(keep / "m.onnx")
                 t0 = time.perf_counter()
-                p = subprocess.run([sys.executable, __file__, "--export", scope, v, path, *common], env=env,
-                                   capture_output=True, text=True)
+                if not Path(path).exists():  # exported into a temporary folder, renamed when complete
+                    part = keep.with_name(keep.name + ".part") if a.export_dir else keep
+                    shutil.rmtree(part, ignore_errors=True) if a.export_dir else None
+                    part.mkdir(parents=True, exist_ok=True)
+                    p = subprocess.run([sys.executable, __file__, "--export", scope, v, str(part / "m.onnx"), *common],
+                                       env=env, capture_output=True, text=True)
+                    if p.returncode != 0:
+                        print(f"[combiner_latency] {scope} {v} export failed: {p.stderr.strip().splitlines()[-1:]}",
+                              file=sys.stderr)
+                        continue
+                    if part != keep:
+                        os.replace(part, keep)
                 export_s = round(time.perf_counter() - t0, 1)
-                if p.returncode != 0:
-                    print(f"[combiner_latency] {scope} {v} export failed: {p.stderr.strip().splitlines()[-1:]}",
-                          file=sys.stderr)
-                    continue
                 run = subprocess.Popen([sys.executable, __file__, "--run", scope, path, ",".join(map(str, todo)),
                                         *common], env=env, stdout=subprocess.PIPE, text=True)
                 assert run.stdout is not None
@@ -231,7 +253,7 @@ def main() -> None:
         cells = {r["L"]: r for r in rows if r["scope"] == s["scope"] and r["variant"] == s["variant"]}
         line = " ".join(f"{cells[L]['median_ms']:>8.1f}ms/{cells[L]['peak_mb']:>5.0f}MB" if L in cells else " " * 17
                         for L in Ls)
-        print(f"{s['scope']:6} {s['variant']:20} {line}   exp {s['exponent']} (top 3: {s['exponent_top3']})  "
+        print(f"{s['scope']:6} {s['variant']:20} {line}   exp {s['exponent']} (top 3: {s['exponent_top3']}, memory {s['memory_exponent']})  "
               f"crossover {s['first_L_faster_than_full']}")
     print(f"wrote {out}")
 
