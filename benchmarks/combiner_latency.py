@@ -178,6 +178,37 @@ def _save(out: Path, a: argparse.Namespace, rows: list[dict], variants: list[str
     return summary
 
 
+def render(rows: list[dict], variants: list[str]) -> str:
+    """Markdown: per scope, latency (ms) and peak working memory (MB) per L, exponents, crossover."""
+    lines = []
+    for scope in ("layer", "model"):
+        mine = [r for r in rows if r["scope"] == scope]
+        if not mine:
+            continue
+        Ls = sorted({r["L"] for r in mine})
+        full = {r["L"]: r for r in mine if r["variant"] == "full"}
+        lines += ["", f"**{'one SmolLM2 attention layer' if scope == 'layer' else 'whole SmolLM2 forward'}**: "
+                  "median ms / peak working MB (speed-up vs full)", "",
+                  "| attention | " + " | ".join(f"L={L}" for L in Ls) + " | time exponent (all / 3 longest) "
+                  "| memory exponent | first L faster than full |",
+                  "|---|" + "---:|" * (len(Ls) + 3)]
+        for s in _summary(rows, variants):
+            if s["scope"] != scope:
+                continue
+            cells = {r["L"]: r for r in mine if r["variant"] == s["variant"]}
+            out = []
+            for L in Ls:
+                if L not in cells:
+                    out.append("-")
+                    continue
+                c = cells[L]
+                x = f" ({full[L]['median_ms'] / c['median_ms']:.1f}x)" if L in full and s["variant"] != "full" else ""
+                out.append(f"{c['median_ms']:.1f} / {c['peak_mb']:.0f}{x}")
+            lines.append(f"| {s['variant']} | " + " | ".join(out) + f" | {s['exponent']} / {s['exponent_top3']} | "
+                         f"{s['memory_exponent']} | {s['first_L_faster_than_full'] or '-'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer-lengths", default="512,1024,2048,4096,8192")
@@ -190,6 +221,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--export-dir", default="", help="keep the exported models here and reuse them on a rerun")
+    ap.add_argument("--render", action="store_true", help="only print the table of --out")
     ap.add_argument("--export", nargs=3, metavar=("SCOPE", "VARIANT", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--run", nargs=3, metavar=("SCOPE", "PATH", "LENGTHS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -205,6 +237,9 @@ def main() -> None:
         return
     out, variants = Path(a.out), a.variants.split(",")
     rows = _load(out, a.block)
+    if a.render:
+        print(render(rows, variants))
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for scope, lengths in lengths_of.items():
         for v in variants:
@@ -246,15 +281,8 @@ def main() -> None:
                         _save(out, a, rows, variants)
                 if run.wait() != 0:
                     print(f"[combiner_latency] {scope} {v} run failed (exit {run.returncode})", file=sys.stderr)
-    summary = _save(out, a, rows, variants)
-    Ls = sorted({r["L"] for r in rows})
-    print(f"\n{'scope':6} {'variant':20} " + " ".join(f"{'L=' + str(L):>17}" for L in Ls))
-    for s in summary:
-        cells = {r["L"]: r for r in rows if r["scope"] == s["scope"] and r["variant"] == s["variant"]}
-        line = " ".join(f"{cells[L]['median_ms']:>8.1f}ms/{cells[L]['peak_mb']:>5.0f}MB" if L in cells else " " * 17
-                        for L in Ls)
-        print(f"{s['scope']:6} {s['variant']:20} {line}   exp {s['exponent']} (top 3: {s['exponent_top3']}, memory {s['memory_exponent']})  "
-              f"crossover {s['first_L_faster_than_full']}")
+    _save(out, a, rows, variants)
+    print(render(rows, variants))
     print(f"wrote {out}")
 
 
