@@ -90,13 +90,15 @@ def _status_mb(key: str) -> float:
     raise KeyError(key)
 
 
-def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: int) -> None:
+def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: int, arena: bool = False) -> None:
     """Runs an exported artifact in a fresh process (so the export's memory is not in the peak).
 
     Peak memory of a length = the process's peak resident set during that length's runs (VmHWM, reset
     through /proc/self/clear_refs before them) minus its resident set just before: the working memory
     one forward at L needs beyond the loaded session. ORT's CPU memory arena is off so each run frees
-    what it allocated and no length inherits a larger one's arena."""
+    what it allocated and no length inherits a larger one's arena. `arena`: time a second session with
+    the arena on (ORT's default: after the warm-up no run pays for fresh pages); the memory stays the
+    arena-off session's single run."""
     import numpy as np
     import onnxruntime as ort
 
@@ -105,6 +107,11 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: 
     so.log_severity_level = 3
     so.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    timed = sess
+    if arena:
+        so_on = ort.SessionOptions()
+        so_on.intra_op_num_threads, so_on.log_severity_level = 1, 3
+        timed = ort.InferenceSession(str(path), so_on, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     prev: tuple[int, float] | None = None
     for L in lengths:
@@ -121,18 +128,22 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: 
             feeds = {"hidden": rng.standard_normal((1, L, 576)).astype(np.float32)}
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         base = _status_mb("VmRSS")
-        if L < warmup_below:
+        if arena:
             sess.run(None, feeds)
+            peak = _status_mb("VmHWM") - base
+        if L < warmup_below:
+            timed.run(None, feeds)
         times = []
         for _ in range(runs):
             t = time.perf_counter()
-            sess.run(None, feeds)
+            timed.run(None, feeds)
             times.append((time.perf_counter() - t) * 1e3)
         times.sort()
-        peak = _status_mb("VmHWM") - base
+        if not arena:
+            peak = _status_mb("VmHWM") - base
         prev = (L, max(peak, 1.0))
         print(json.dumps({"L": L, "median_ms": round(times[len(times) // 2], 2), "runs": runs,
-                          "warmup": L < warmup_below, "peak_mb": round(peak, 1)}), flush=True)
+                          "warmup": L < warmup_below, "arena": arena, "peak_mb": round(peak, 1)}), flush=True)
 
 
 def fit_exponent(rows: list[dict], key: str = "median_ms") -> float | None:
@@ -221,6 +232,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--export-dir", default="", help="keep the exported models here and reuse them on a rerun")
+    ap.add_argument("--arena", action="store_true",
+                    help="time with ORT's CPU memory arena on (a second session; memory from the arena-off one)")
     ap.add_argument("--render", action="store_true", help="only print the table of --out")
     ap.add_argument("--export", nargs=3, metavar=("SCOPE", "VARIANT", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--run", nargs=3, metavar=("SCOPE", "PATH", "LENGTHS"), help=argparse.SUPPRESS)
@@ -233,7 +246,7 @@ def main() -> None:
     if a.run:
         scope = a.run[0]
         worker(scope, Path(a.run[1]), [int(x) for x in a.run[2].split(",")],
-               a.runs if scope == "layer" else a.model_runs, a.warmup_below)
+               a.runs if scope == "layer" else a.model_runs, a.warmup_below, a.arena)
         return
     out, variants = Path(a.out), a.variants.split(",")
     rows = _load(out, a.block)
@@ -249,7 +262,7 @@ def main() -> None:
                 continue
             # Exported for the scope's max length (logsparse's tree depth), whatever is left to run.
             common = ["--block", str(a.block), "--runs", str(a.runs), "--model-runs", str(a.model_runs),
-                      "--warmup-below", str(a.warmup_below),
+                      "--warmup-below", str(a.warmup_below), *(["--arena"] if a.arena else []),
                       "--layer-lengths", a.layer_lengths, "--model-lengths", a.model_lengths]
             print(f"[combiner_latency] {scope} {v}: export, then L = {todo}", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory() as tmp:
