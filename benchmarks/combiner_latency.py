@@ -113,10 +113,12 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: 
         so_on.intra_op_num_threads, so_on.log_severity_level = 1, 3
         timed = ort.InferenceSession(str(path), so_on, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    prev: tuple[int, float] | None = None
+    seen: list[tuple[int, float]] = []
     for L in lengths:
-        if prev is not None:  # do not push the shared machine into the OOM killer: predict the peak (<= quadratic)
-            need, avail = prev[1] * (L / prev[0]) ** 2, _available_mb() - 2048
+        if seen:  # do not push the shared machine into the OOM killer: predict the peak from the last growth
+            (l0, m0), (l1, m1) = seen[-2] if len(seen) > 1 else (seen[-1][0] / 2, seen[-1][1] / 4), seen[-1]
+            growth = min(2.0, max(1.0, math.log(max(m1, 1.0) / max(m0, 1.0)) / math.log(l1 / l0)))
+            need, avail = m1 * (L / l1) ** growth, _available_mb() - 2048
             if need > avail:
                 print(json.dumps({"L": L, "skipped": f"predicted peak {need:.0f} MB > {avail:.0f} MB available"}),
                       flush=True)
@@ -141,7 +143,7 @@ def worker(scope: str, path: Path, lengths: list[int], runs: int, warmup_below: 
         times.sort()
         if not arena:
             peak = _status_mb("VmHWM") - base
-        prev = (L, max(peak, 1.0))
+        seen.append((L, max(peak, 1.0)))
         print(json.dumps({"L": L, "median_ms": round(times[len(times) // 2], 2), "runs": runs,
                           "warmup": L < warmup_below, "arena": arena, "peak_mb": round(peak, 1)}), flush=True)
 
