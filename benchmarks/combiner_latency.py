@@ -255,7 +255,9 @@ def main() -> None:
     if a.render:
         print(render(rows, variants))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # A fixed glibc mmap threshold: freed blocks above 128 KiB go back to the OS at once (the default threshold
+    # rises to 32 MiB after the first large free, and freed heap blocks would hide in the next length's baseline).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     for scope, lengths in lengths_of.items():
         for v in variants:
             done = {r["L"] for r in rows if r["scope"] == scope and r["variant"] == v}
