@@ -165,7 +165,9 @@ def _load(out: Path, block: int) -> list[dict]:
     return d["rows"] if d.get("block") == block else []
 
 
-def _summary(rows: list[dict], variants: list[str]) -> list[dict]:
+def _summary(rows: list[dict]) -> list[dict]:
+    """Exponents and crossover of every variant measured so far (not only this run's --variants)."""
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     summary = []
     for scope in ("layer", "model"):
         full = {r["L"]: r for r in rows if r["scope"] == scope and r["variant"] == "full"}
@@ -181,8 +183,8 @@ def _summary(rows: list[dict], variants: list[str]) -> list[dict]:
     return summary
 
 
-def _save(out: Path, a: argparse.Namespace, rows: list[dict], variants: list[str]) -> list[dict]:
-    summary = _summary(rows, variants)
+def _save(out: Path, a: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    summary = _summary(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"block": a.block, "threads": 1, "batch": 1, "rows": rows, "summary": summary,
@@ -191,7 +193,7 @@ def _save(out: Path, a: argparse.Namespace, rows: list[dict], variants: list[str
     return summary
 
 
-def render(rows: list[dict], variants: list[str]) -> str:
+def render(rows: list[dict]) -> str:
     """Markdown: per scope, latency (ms) and peak working memory (MB) per L, exponents, crossover."""
     lines = []
     for scope in ("layer", "model"):
@@ -205,7 +207,7 @@ def render(rows: list[dict], variants: list[str]) -> str:
                   "| attention | " + " | ".join(f"L={L}" for L in Ls) + " | time exponent (all / 3 longest) "
                   "| memory exponent | first L faster than full |",
                   "|---|" + "---:|" * (len(Ls) + 3)]
-        for s in _summary(rows, variants):
+        for s in _summary(rows):
             if s["scope"] != scope:
                 continue
             cells = {r["L"]: r for r in mine if r["variant"] == s["variant"]}
@@ -253,7 +255,7 @@ def main() -> None:
     out, variants = Path(a.out), a.variants.split(",")
     rows = _load(out, a.block)
     if a.render:
-        print(render(rows, variants))
+        print(render(rows))
         return
     # A fixed glibc mmap threshold: freed blocks above 128 KiB go back to the OS at once (the default threshold
     # rises to 32 MiB after the first large free, and freed heap blocks would hide in the next length's baseline).
@@ -295,11 +297,11 @@ def main() -> None:
                     elif line.startswith("{"):
                         rows.append({"scope": scope, "variant": v, "export_s": export_s, **json.loads(line)})
                         print(f"[combiner_latency] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-                        _save(out, a, rows, variants)
+                        _save(out, a, rows)
                 if run.wait() != 0:
                     print(f"[combiner_latency] {scope} {v} run failed (exit {run.returncode})", file=sys.stderr)
-    _save(out, a, rows, variants)
-    print(render(rows, variants))
+    _save(out, a, rows)
+    print(render(rows))
     print(f"wrote {out}")
 
 
