@@ -178,7 +178,7 @@ def _summary(rows: list[dict]) -> list[dict]:
             faster = [r["L"] for r in rs if r["L"] in full and r["median_ms"] < full[r["L"]]["median_ms"]]
             summary.append({"scope": scope, "variant": v, "exponent": fit_exponent(rs),
                             "exponent_top3": fit_exponent(rs[-3:]) if len(rs) >= 3 else None,
-                            "memory_exponent": fit_exponent(rs, "peak_mb"),
+                            "memory_exponent": fit_exponent(rs[-3:], "peak_mb") if len(rs) >= 3 else None,
                             "first_L_faster_than_full": faster[0] if faster and v != "full" else None})
     return summary
 
@@ -205,7 +205,7 @@ def render(rows: list[dict]) -> str:
         lines += ["", f"**{'one SmolLM2 attention layer' if scope == 'layer' else 'whole SmolLM2 forward'}**: "
                   "median ms / peak working MB (speed-up vs full)", "",
                   "| attention | " + " | ".join(f"L={L}" for L in Ls) + " | time exponent (all / 3 longest) "
-                  "| memory exponent | first L faster than full |",
+                  "| memory exponent (3 longest) | first L faster than full |",
                   "|---|" + "---:|" * (len(Ls) + 3)]
         for s in _summary(rows):
             if s["scope"] != scope:
