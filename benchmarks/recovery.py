@@ -30,6 +30,9 @@ VARIANTS = {
     "cospadi": ("cospadi", {}),
     "sparse24 sparsegpt": ("sparse24", {"score": "sparsegpt"}),
     "dsformer": ("dsformer", {"stf_steps": 0}),
+    "sltrain random": ("sltrain", {"support": "random"}),
+    "sltrain largest": ("sltrain", {"support": "largest"}),
+    "lost": ("lost", {}),
 }
 
 
