@@ -131,6 +131,8 @@ def _op_lowering_options(f):
               help="training windows of --calib-len tokens")
 @click.option("--recover-temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
               help="distillation temperature (decoders)")
+@click.option("--recover-hidden-weight", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="decoders: weight of a last-hidden-state distillation term beside the next-token KL")
 @click.option("--recover-checkpoint", type=click.Path(), default=None,
               help="folder for the resumable recovery checkpoint; rerunning the same command resumes from it")
 @click.option("--attention", default="full", show_default=True, type=click.Choice(list(ATTENTION_CHOICES)),
@@ -142,7 +144,7 @@ def _op_lowering_options(f):
 def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
           quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, recover_steps, adapter,
           adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
-          recover_checkpoint, attention, attention_block, **method_opts):
+          recover_hidden_weight, recover_checkpoint, attention, attention_block, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     ort_lowering = {k[len("ort_op_"):]: method_opts.pop(k) for k in list(method_opts) if k.startswith("ort_op_")}
     set_quiet(quiet)
@@ -159,7 +161,8 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
                       recovery=RecoveryConfig(steps=recover_steps, adapter=adapter, rank=adapter_rank, lr=recover_lr,
                                               batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
                                               samples=recover_samples, seq_len=calib_len,
-                                              temperature=recover_temperature, include_dense=adapter_dense, seed=seed))
+                                              temperature=recover_temperature, hidden_weight=recover_hidden_weight,
+                                              include_dense=adapter_dense, seed=seed))
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "

@@ -13,6 +13,7 @@ check runs on two sides:
    `generate()` (greedy) must produce the same tokens.
 
     python scripts/check_optimum.py build/minilm-svd [--optimum-python /work/venvs/optimum/bin/python]
+    python scripts/check_optimum.py build/smollm2-cospadi --speed-tokens 128 --threads 1   # + Optimum's decode speed
 
 Prints one JSON line per side; exits 1 when any comparison fails, 2 when the folder or the optimum
 venv is missing. Make the venv with `bash scripts/setup_optimum.sh` (CPU torch first, then optimum-onnx).
@@ -63,7 +64,7 @@ def _feeds(sess, ids: np.ndarray) -> dict[str, np.ndarray]:
     return feeds
 
 
-def reference(folder: Path, out: Path) -> dict:
+def reference(folder: Path, out: Path, speed_prompt: int = 0) -> dict:
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
@@ -86,6 +87,9 @@ def reference(folder: Path, out: Path) -> dict:
                 logits = sess.run([out_name], _feeds(sess, seq))[0]
                 seq = np.concatenate([seq, logits[:, -1].argmax(-1)[:, None].astype(np.int64)], axis=1)
             arrays[f"greedy_{i}"] = seq
+    if kind == "decoder" and speed_prompt:  # a held-out wiki prompt of exactly speed_prompt tokens
+        ids = tok(" ".join(sentences(domain_texts("wiki"))[:200]), return_tensors="np")["input_ids"][:, :speed_prompt]
+        arrays["speed_ids"] = np.asarray(ids, dtype=np.int64)
     cfg = json.loads((folder / "config.json").read_text())
     rope = (cfg.get("rope_parameters") or {}).get("rope_theta")
     np.savez(out, **arrays)
@@ -95,7 +99,7 @@ def reference(folder: Path, out: Path) -> dict:
 
 # ---------------------------------------------------------------- optimum side (transformers 4.57)
 
-def optimum_side(folder: Path, ref_json: dict, ref_npz: Path) -> dict:
+def optimum_side(folder: Path, ref_json: dict, ref_npz: Path, speed_tokens: int = 0, threads: int = 0) -> dict:
     import optimum.onnxruntime as oo
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -111,8 +115,12 @@ def optimum_side(folder: Path, ref_json: dict, ref_npz: Path) -> dict:
                                 "passed": getattr(config, "rope_theta", None) == ref_json["rope_theta"]}
     tok = AutoTokenizer.from_pretrained(folder)
     res["tokenizer"] = type(tok).__name__
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads  # 0 = ORT's default (all cores)
     if kind == "decoder":
-        model = oo.ORTModelForCausalLM.from_pretrained(folder, use_cache=has_past, use_io_binding=False)
+        model = oo.ORTModelForCausalLM.from_pretrained(folder, use_cache=has_past, use_io_binding=False, session_options=so)
     else:
         model = oo.ORTModelForFeatureExtraction.from_pretrained(folder)
     res["class"] = type(model).__name__
@@ -141,14 +149,35 @@ def optimum_side(folder: Path, ref_json: dict, ref_npz: Path) -> dict:
             same.append(bool(np.array_equal(gen.numpy(), ref[f"greedy_{i}"])))
         checks["greedy_generate_identical"] = {"passed": all(same), "prompts": len(same), "new_tokens": NEW_TOKENS,
                                                "use_cache": has_past}
+        if speed_tokens and "speed_ids" in ref:
+            res["speed"] = _generate_speed(model, ref["speed_ids"], speed_tokens, threads)
     res["passed"] = all(c["passed"] for c in checks.values())
     return res
+
+
+def _generate_speed(model, ids: np.ndarray, new_tokens: int, threads: int) -> dict:
+    """Optimum's own greedy generate(), timed like SERVING.md's figure: new tokens / wall time, prefill included."""
+    import time
+
+    import torch
+
+    x = torch.from_numpy(ids)
+    kw = dict(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False)
+    model.generate(**kw, max_new_tokens=4, min_new_tokens=4)  # warm-up
+    t0 = time.perf_counter()
+    model.generate(**kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    dt = time.perf_counter() - t0
+    return {"prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens, "threads": threads or "ort default",
+            "seconds": round(dt, 3), "tokens_per_s": round(new_tokens / dt, 2)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--optimum-python", default=None, help="python of a venv with optimum-onnx installed")
+    ap.add_argument("--speed-tokens", type=int, default=0,
+                    help="decoders: also time Optimum's generate() of N new tokens after a 128-token prompt")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads on the Optimum side (0 = default)")
     ap.add_argument("--side", choices=["both", "optimum"], default="both", help=argparse.SUPPRESS)
     ap.add_argument("--ref", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -157,7 +186,7 @@ def main() -> int:
         return 2
     if a.side == "optimum":
         ref_json = json.loads(a.ref.with_suffix(".json").read_text())
-        res = optimum_side(a.folder, ref_json, a.ref)
+        res = optimum_side(a.folder, ref_json, a.ref, a.speed_tokens, a.threads)
         print(json.dumps(res))
         return 0 if res["passed"] else 1
     py = a.optimum_python or optimum_python()
@@ -167,11 +196,12 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory() as td:
         ref_npz = Path(td) / "ref.npz"
-        ref_json = reference(a.folder, ref_npz)
+        ref_json = reference(a.folder, ref_npz, 128 if a.speed_tokens else 0)
         ref_npz.with_suffix(".json").write_text(json.dumps(ref_json))
         print(json.dumps({k: v for k, v in ref_json.items() if k != "texts"}))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        p = subprocess.run([py, __file__, str(a.folder), "--side", "optimum", "--ref", str(ref_npz)],
+        p = subprocess.run([py, __file__, str(a.folder), "--side", "optimum", "--ref", str(ref_npz),
+                            "--speed-tokens", str(a.speed_tokens), "--threads", str(a.threads)],
                            capture_output=True, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if not lines:

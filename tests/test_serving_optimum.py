@@ -30,8 +30,8 @@ def _build(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def _check(folder: Path) -> tuple[int, list[dict], str]:
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_optimum.py"), str(folder)],
+def _check(folder: Path, *extra: str) -> tuple[int, list[dict], str]:
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_optimum.py"), str(folder), *extra],
                        capture_output=True, text=True, cwd=ROOT)
     return p.returncode, [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")], p.stderr
 
@@ -54,9 +54,12 @@ def test_encoder_folder_loads_in_optimum(tiny_bert_dir, tmp_path):
 
 def test_decoder_folder_loads_and_generates_in_optimum(rope_llama_dir, tmp_path):
     folder = _build(rope_llama_dir, tmp_path / "llama")
-    rc, out, err = _check(folder)
+    rc, out, err = _check(folder, "--speed-tokens", "8", "--threads", "1")
     assert rc == 0, err
     c = out[-1]["checks"]
+    speed = out[-1]["speed"]  # Optimum's own generate(), timed; the tiny prompt is the whole wiki text, cut at 128
+    assert speed["new_tokens"] == 8 and speed["threads"] == 1 and 0 < speed["prompt_tokens"] <= 128
+    assert speed["tokens_per_s"] == pytest.approx(8 / speed["seconds"], rel=0.01)
     assert out[-1]["class"] == "ORTModelForCausalLM"
     assert c["rope_theta"] == {"read": 500.0, "expected": 500.0, "passed": True}
     assert c["greedy_generate_identical"]["passed"] and c["outputs"]["passed"]

@@ -21,7 +21,6 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -37,25 +36,10 @@ PROMPT_VERSION = 1
 
 
 def check_recover_data(spec: str) -> None:
-    """Reject a bad --recover-data before any work: unknown word, missing, empty or non-text file."""
-    if spec in ("generated", "wiki"):
-        return
-    p = Path(spec)
-    fix = "pass --recover-data generated, wiki, or an existing UTF-8 .txt/.jsonl file with text in it"
-    if not p.exists():
-        raise UserError(f"--recover-data file not found: {p}", fix)
-    if not p.is_file():
-        raise UserError(f"--recover-data {p} is not a file", fix)
-    raw = p.read_bytes()
-    if not raw.strip():
-        raise UserError(f"--recover-data file is empty: {p}", fix)
-    if b"\x00" in raw[:65536]:
-        raise UserError(f"--recover-data {p} is not a text file (it holds binary data)", fix)
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"--recover-data {p} is not UTF-8 text (bad byte at offset {e.start})", fix) from e
-    textmod.load_user_text(p)  # .jsonl structure errors are named here too
+    """Reject a bad --recover-data before any work: a missing, empty, binary or non-UTF-8 file, or
+    JSONL without text, named by the one text reader every input flag uses."""
+    if spec not in ("generated", "wiki"):
+        textmod.read_text_input(spec, "--recover-data")
 
 
 def prompts(n: int, seed: int) -> list[str]:
@@ -127,7 +111,10 @@ def recovery_windows(loaded: LoadedModel, spec: str, n: int, length: int, seed: 
         stream = loaded.token_ids(textmod.calibration_articles())
         return RecoveryData(textmod.sample_windows(stream, n, length, seed), "wiki calibration split")
     if spec != "generated":
-        stream = loaded.token_ids(textmod.load_user_text(spec))
+        stream = loaded.token_ids(textmod.read_text_input(spec, "--recover-data"))
+        if len(stream) < length:
+            raise UserError(f"--recover-data {spec} has {len(stream)} tokens, fewer than one training window "
+                            f"(--calib-len {length})", "add text to the file, or use a smaller --calib-len")
         return RecoveryData(textmod.sample_windows(stream, n, length, seed), f"file {spec}")
     gen = loaded if loaded.kind == "decoder" else load_model(GENERATOR_FOR_ENCODERS)
     # Each generated text gives about one window; ask for a few more than half the windows.
