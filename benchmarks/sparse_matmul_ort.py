@@ -1,4 +1,4 @@
-"""ONNX Runtime time and file size of the sparse_matmul op's two lowerings (gather/scatter vs dense refold).
+"""ONNX Runtime time and file size of the sparse_matmul op's two lowerings (row-padded gather vs dense refold).
 
 For S of a MiniLM attention (384 x 384) and FFN-up (384 -> 1536) layer at SLTrain's delta, exports the
 SparsePlusLowRankLinear's S alone, lowers it with each policy and times ORT (1 thread, fp32, median of

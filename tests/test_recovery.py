@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from factordeploy.compress.layers import (DenseSparseLinear, LowRankLinear, Sparse24Linear, SparseDictLinear,
-                                          project_24, violations_24)
+from factordeploy.compress.layers import (ChannelSparseLowRankLinear, DenseSparseLinear, LowRankLinear, Sparse24Linear,
+                                          SparseDictLinear, SparsePlusLowRankLinear, project_24, violations_24)
 from factordeploy.recover import AdapterConfig, RecoveryConfig, attach, capture_teacher, recover
 from factordeploy.recover.stage import distill_loss
 
@@ -31,6 +31,8 @@ class Stack(nn.Module):
             SparseDictLinear(D, torch.randint(0, 12, (3, 16), generator=g), r(3, 16), r(16), shared=2, group="g"),
             SparseDictLinear(D, torch.randint(0, 12, (3, 16), generator=g), r(3, 16), None, shared=2, group="g"),
             nn.Linear(16, 16),
+            SparsePlusLowRankLinear(r(3, 16), r(16, 3), torch.randperm(256, generator=g)[:20].sort().values, r(20), r(16)),
+            ChannelSparseLowRankLinear(r(3, 16), r(16, 3), torch.tensor([2, 7, 11]), r(16, 3), r(16), gamma=0.4),
         ])
 
     def forward(self, x):
@@ -49,8 +51,10 @@ def _snapshot(model):
             d["mask"] = (m.weight != 0).clone()
         if isinstance(m, DenseSparseLinear):
             d["mask"] = (m.S != 0).clone()
-        if isinstance(m, SparseDictLinear):
+        if isinstance(m, (SparseDictLinear, SparsePlusLowRankLinear)):
             d["idx"] = m.idx.clone()
+        if isinstance(m, ChannelSparseLowRankLinear):
+            d["idx"] = m.channels.clone()
         out.append(d)
     return out
 
@@ -61,7 +65,8 @@ def test_adapter_merge_is_exact_for_every_layer_kind(kind):
     before = _snapshot(model)
     aset = attach(model, AdapterConfig(kind, rank=4, include_dense=True))
     assert aset.describe()["factors_by_layer_kind"] == {"lowrank": 2, "sparse24": 1, "densesparse": 2,
-                                                        "sparse_dict": 3, "dense": 1}  # shared D once
+                                                        "sparse_dict": 3, "dense": 1,
+                                                        "sparse_lowrank": 3, "channel_lowrank": 3}  # shared D once
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in aset.parameters():
@@ -123,6 +128,10 @@ def test_none_adapter_trains_factors_on_their_support():
     assert torch.equal(before[1]["mask"], after[1]["mask"]) and torch.equal(before[2]["mask"], after[2]["mask"])
     assert torch.equal(before[3]["idx"], after[3]["idx"])
     assert not model.layers[5].weight.requires_grad
+    for k in (6, 7):  # SLTrain's support and LOST's channel set are buffers: unchanged, values trained
+        assert torch.equal(before[k]["idx"], after[k]["idx"]) and before[k]["bytes"] == after[k]["bytes"]
+    assert not torch.equal(model.layers[6].val, Stack().layers[6].val)
+    assert not torch.equal(model.layers[7].Ws, Stack().layers[7].Ws)
 
 
 @pytest.mark.parametrize("which", ["tiny_llama_dir", "tiny_bert_dir"])

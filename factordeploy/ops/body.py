@@ -45,6 +45,14 @@ class Body:
                                   inputs=list(inputs), outputs=[y]))
         return y
 
+    def ops(self, op_type: str, inputs: Sequence[gs.Tensor], roles: Sequence[str], attrs: dict | None = None,
+            dtypes: Sequence[Any] | None = None) -> list[gs.Variable]:
+        """Append a node with several outputs (e.g. Unique), one per role; returns them in order."""
+        ys = [gs.Variable(self._name(r), dtype=d) for r, d in zip(roles, dtypes or [None] * len(roles))]
+        self.nodes.append(gs.Node(op_type, self._name(f"{op_type}_{roles[0]}"), attrs=dict(attrs or {}),
+                                  inputs=list(inputs), outputs=ys))
+        return ys
+
     def adopt(self, graph: gs.Graph, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Tensor]) -> None:
         """Append a standalone graph's nodes (e.g. an op's torch reference traced by the exporter), its
         inputs and outputs bound to `inputs` / `outputs`, every other tensor renamed under the prefix."""

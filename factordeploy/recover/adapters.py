@@ -3,7 +3,9 @@
 A *factor* is one stored tensor of a layer: LowRankLinear's A and B, SparseDictLinear's
 dictionary D and code values `val` (their support `idx` is a buffer and never changes),
 Sparse24Linear's kept values (the update is multiplied by the 2:4 mask), DenseSparseLinear's
-D and S (S's update masked the same way), and optionally plain nn.Linear weights left dense
+D and S (S's update masked the same way), SparsePlusLowRankLinear's A, B and the values of S on
+its fixed support (`idx` is a buffer), ChannelSparseLowRankLinear's A, B and its dense channel
+block W_s (the channel set is a buffer), and optionally plain nn.Linear weights left dense
 (never the LM head: it turns cached teacher hidden states into logits).
 
 Each adapter is a `torch.nn.utils.parametrize` parametrization of its factor,
@@ -16,6 +18,9 @@ sparse supports stay as they were (tests/test_recovery.py checks each kind).
 Kinds:
 * `none`: the factors themselves train (2:4 factors through a masked gradient); LowRankLinear
   factors are balanced first so Adam's per-element step suits both.
+* A 1-D factor (SLTrain's S values, nnz of them: a few percent of the layer) gets a full update
+  vector delta = s * v (v zero-initialised) under every adapter kind: a low-rank or wavelet
+  structure means nothing for a list of values, and v is already small.
 * `lora`: delta = s * B A, B (m x r) zero-initialised, A (r x n) ~ N(0, 1/n); s = RMS of the
   factor at attach time, so one learning rate suits factors of very different scales (whitened
   A ~ 1e-3 next to B ~ 10). `peft` is not used: its LoRA wraps whole nn.Linear/Conv modules and
@@ -41,7 +46,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..compress.layers import DenseSparseLinear, FactorizedLinear, LowRankLinear, Sparse24Linear, SparseDictLinear
+from ..compress.layers import (ChannelSparseLowRankLinear, DenseSparseLinear, FactorizedLinear, LowRankLinear,
+                               Sparse24Linear, SparseDictLinear, SparsePlusLowRankLinear)
 
 ADAPTERS = ("none", "lora", "lora-ggpo", "wara")
 GGPO_MAX_REL = 5.0
@@ -81,6 +87,10 @@ def factors_of(model: nn.Module, include_dense: bool = False) -> list[Factor]:
             items = [("weight", True)]
         elif isinstance(m, DenseSparseLinear):
             items = [("D", False), ("S", True)]
+        elif isinstance(m, SparsePlusLowRankLinear):
+            items = [("A", False), ("B", False), ("val", False)]
+        elif isinstance(m, ChannelSparseLowRankLinear):
+            items = [("A", False), ("B", False), ("Ws", False)]
         elif include_dense and isinstance(m, nn.Linear) and m is not head and not isinstance(m, FactorizedLinear):
             items = [("weight", False)]
         for name, masked in items:
@@ -132,6 +142,17 @@ class LoRADelta(_Delta):
 
     def delta(self) -> torch.Tensor:
         return self.scale * (self.B @ self.A)
+
+
+class VectorDelta(_Delta):
+    """A 1-D factor's update: delta = s * v, v zero-initialised (the values of a fixed sparse support)."""
+
+    def __init__(self, like: torch.Tensor, rank: int, gen: torch.Generator, mask: torch.Tensor | None = None) -> None:
+        super().__init__(like, mask)
+        self.v = nn.Parameter(torch.zeros_like(like))
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * self.v
 
 
 class WaRADelta(_Delta):
@@ -199,11 +220,12 @@ class AdapterSet:
             for f, d in zip(self.factors, self.deltas):
                 W = f.param
                 self._saved.append(W.detach().clone())
-                rows = W.detach().float().norm(dim=-1)
+                rows = W.detach().float().reshape(-1, W.shape[-1]).norm(dim=-1)  # a 1-D factor is one row
                 g2 = d.grad_sq_rows if d is not None and d.grad_sq_rows is not None else torch.zeros_like(rows)
                 g2 = (g2.to(rows.device) / g2.mean().clamp_min(1e-30)).clamp_max(GGPO_MAX_REL)
                 scale = rows * (self.config.ggpo_sigma + self.config.ggpo_beta * g2) / math.sqrt(W.shape[-1])
-                noise = torch.randn(W.shape, generator=gen).to(W.device, torch.float32) * scale[:, None]
+                noise = (torch.randn(rows.numel(), W.shape[-1], generator=gen).to(W.device, torch.float32)
+                         * scale[:, None]).reshape(W.shape)
                 if f.mask is not None:
                     noise = noise * f.mask
                 W.add_(noise.to(W.dtype))
@@ -261,7 +283,7 @@ def attach(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
     gen = torch.Generator().manual_seed(cfg.seed)
     cls = WaRADelta if cfg.kind == "wara" else LoRADelta
     for f in fs:
-        d = cls(f.param.detach(), cfg.rank, gen, f.mask).to(f.param.device)
+        d = (VectorDelta if f.param.dim() == 1 else cls)(f.param.detach(), cfg.rank, gen, f.mask).to(f.param.device)
         for m, name in f.owners:
             parametrize.register_parametrization(m, name, d, unsafe=True)
         aset.deltas.append(d)

@@ -5,7 +5,7 @@ x [..., in] (activation), idx [nnz] int32 sorted flat row-major indices o * in +
 attributes in_features, out_features (out is not recoverable from the input shapes, so the body
 reads the attributes and ships no model-local function). Output: x's shape with the last dim out.
 
-This package: SPEC (below), the torch reference, the gather/scatter body, the dense refold and their
+This package: SPEC (below), the torch reference, the row-padded gather body, the dense refold and their
 cost model (lowering.py), the Triton kernel (kernel.py) and its launch.
 """
 
