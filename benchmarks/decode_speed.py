@@ -17,9 +17,11 @@ next to the artifact's bytes. Decode is memory-bound, so `bytes ratio` (original
 is the speedup to expect; `speedup` is the measured one. Resumable: finished cells are kept in the
 JSON and skipped. The full grid is one command:
 
-    flock /work/locks/heavy.lock env OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/decode_speed.py \\
-        --model smollm2 --methods original,svd,svd-whiten,fwsvd,welore,cospadi,sparse24,dsformer \\
-        --ratios 0.2,0.35,0.5 --quantize none,int8
+    /work/locks/slot env PYTHONPATH=. python benchmarks/decode_speed.py --model smollm2 \\
+        --methods original,svd,svd-whiten,fwsvd,welore,cospadi,sparse24,dsformer \\
+        --ratios 0.2,0.35,0.5 --quantize none,int8 --calib 32
+
+(about 3.5 min per (method, ratio) group for fp32 + int8 on one core, plus the compression: cospadi ~4-6 min.)
 
 (`sparse24` has a fixed 2:4 pattern: it runs once, whatever --ratios says.)
 """

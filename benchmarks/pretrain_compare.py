@@ -55,11 +55,13 @@ def table(doc: dict) -> str:
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--eval-windows", type=int, default=16, show_default=True, help="held-out windows per domain")
 @click.option("--only", default=",".join(PARAMS), show_default=True, help="comma-separated parametrisations to run")
 @click.option("--resume", is_flag=True, help="keep the runs already in the output JSON")
 @click.option("--out", default=None, help="JSON path [default: benchmarks/results/pretrain-{params}.json]")
-def main(params, tokens, seq_len, batch, seed, device, only, resume, out) -> None:
-    settings = {"params": params, "tokens": tokens, "seq_len": seq_len, "batch": batch, "seed": seed, "device": device}
+def main(params, tokens, seq_len, batch, seed, device, eval_windows, only, resume, out) -> None:
+    settings = {"params": params, "tokens": tokens, "seq_len": seq_len, "batch": batch, "seed": seed, "device": device,
+                "eval_windows": eval_windows}
     path = Path(out) if out else RESULTS / f"pretrain-{params}.json"
     doc = {"settings": settings, "runs": {}}
     if resume and path.exists():
@@ -76,7 +78,7 @@ def main(params, tokens, seq_len, batch, seed, device, only, resume, out) -> Non
         try:
             cmd = [sys.executable, "-m", "factordeploy.cli", "pretrain", "--params", params, "--param", p,
                    "--tokens", str(tokens), "--seq-len", str(seq_len), "--batch", str(batch), "--seed", str(seed),
-                   "--device", device, "--out", str(work / "model")]
+                   "--device", device, "--eval-windows", str(eval_windows), "--out", str(work / "model")]
             subprocess.run(cmd, check=True, env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             run = json.loads((work / "model" / "pretrain.json").read_text())
         finally:
@@ -87,7 +89,30 @@ def main(params, tokens, seq_len, batch, seed, device, only, resume, out) -> Non
         path.write_text(json.dumps(doc, indent=1))
     md = table(doc)
     path.with_suffix(".md").write_text(md + "\n")
+    plot(doc, path.with_suffix(".png"))
     click.echo(md)
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Held-out wiki loss by step, one curve per parametrisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in PARAMS:
+        if p in doc["runs"]:
+            xs, ys = zip(*doc["runs"][p]["curve"])
+            ax.plot(xs, ys, marker="o", lw=1, label=p)
+    c = doc["settings"]
+    ax.set_title(f"{c['params']} LLaMA pretraining, {c['tokens']:,} tokens")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out wiki loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
