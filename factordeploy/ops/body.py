@@ -93,3 +93,10 @@ def as_function(spec: OpSpec, opset: int = 18) -> gs.Function:
     attrs = {a.name: None for a in spec.attrs} | {a: None for a in PLUGIN_ATTRS}
     return gs.Function(spec.name, domain=spec.domain, nodes=b.nodes, inputs=inputs, outputs=outputs, attrs=attrs,
                        opset=opset)
+
+
+def constant_values(t: gs.Tensor, what: str) -> np.ndarray:
+    """The values of an op input that a constant-folding lowering needs; a named error otherwise."""
+    if not isinstance(t, gs.Constant):
+        raise ValueError(f"input {t.name} must be an initializer to refold {what}")
+    return np.asarray(t.values)

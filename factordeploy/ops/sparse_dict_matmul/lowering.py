@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..body import Body
+from ..body import Body, constant_values
 from ..cost import CostModel
 
 
@@ -71,16 +71,10 @@ def body(b: Body, inputs: list, outputs: list, attrs: dict | None) -> None:
     b.op("Reshape", [rt, b.op("Concat", [lead, out_dim], "out_shape", {"axis": 0}, i64)], "out", out=y)
 
 
-def _const(t: gs.Tensor) -> np.ndarray:
-    if not isinstance(t, gs.Constant):
-        raise ValueError(f"input {t.name} must be an initializer to refold the dense weight")
-    return np.asarray(t.values)
-
-
 def dense_refold(node: gs.Node, attrs: dict, prefix: str) -> list[gs.Node]:
     """Lowering "dense": W^T = (S D)^T computed from the constants, one MatMul."""
     x, D_t, idx_t, val_t = node.inputs
-    D, idx, val = _const(D_t), _const(idx_t), _const(val_t)
+    D, idx, val = (constant_values(t, "the dense weight") for t in (D_t, idx_t, val_t))
     S = np.zeros((idx.shape[1], D.shape[0]), dtype=val.dtype)
     np.add.at(S, (np.arange(idx.shape[1])[None, :].repeat(idx.shape[0], 0), idx.astype(np.int64)), val)
     b = Body(prefix)

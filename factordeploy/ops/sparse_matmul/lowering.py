@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..body import Body
+from ..body import Body, constant_values
 from ..cost import CostModel
 
 INDEX_BYTES = 4  # int32 flat indices
@@ -112,16 +112,10 @@ def body(b: Body, inputs: list, outputs: list, attrs: dict) -> None:
     b.op("Reshape", [y2, b.op("Concat", [lead, out_c], "out_shape", {"axis": 0}, i64)], "out", out=y)
 
 
-def _const(t: gs.Tensor) -> np.ndarray:
-    if not isinstance(t, gs.Constant):
-        raise ValueError(f"input {t.name} must be an initializer to refold the dense matrix")
-    return np.asarray(t.values)
-
-
 def dense_refold(node: gs.Node, attrs: dict, prefix: str) -> list[gs.Node]:
     """Lowering "dense": S^T (in x out) scattered from the constants, one MatMul."""
     _x, idx_t, val_t = node.inputs
-    idx, val = _const(idx_t), _const(val_t)
+    idx, val = constant_values(idx_t, "the dense matrix"), constant_values(val_t, "the dense matrix")
     in_f, out_f = int(attrs["in_features"]), int(attrs["out_features"])
     S = np.zeros(out_f * in_f, dtype=val.dtype)
     S[idx.astype(np.int64)] = val
