@@ -23,6 +23,7 @@ from .pretrain import PretrainConfig, run_pretrain
 from .progress import set_quiet
 from .recover.adapters import ADAPTERS
 from .recover.stage import RecoveryConfig
+from .recover.blockwise import BlockwiseConfig, ReconstructConfig
 from .serve.generate import SamplingConfig, open_folder
 
 
@@ -85,6 +86,42 @@ def _op_lowering_options(f):
     return f
 
 
+_BLOCKWISE_KEYS = ("calib_mode", "reconstruct_steps", "reconstruct_lr", "reconstruct_mix", "reconstruct_adapter",
+                   "reconstruct_checkpoint")
+
+
+def _blockwise_options(f):
+    """--calib-mode and --reconstruct-* (compress/sequential.py, recover/blockwise.py); read by `_blockwise_config`."""
+    from .compress.sequential import CALIB_MODES
+
+    opts = [
+        click.option("--calib-mode", type=click.Choice(list(CALIB_MODES)), default="auto", show_default=True,
+                     help="data-aware methods: calibrate every layer on the original model's activations, or block by "
+                          "block on the compressed prefix's outputs (auto = the method's measured default)"),
+        click.option("--reconstruct-steps", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="after compressing each block: closed-form refit, then N steps fitting the block's compressed "
+                          "parameters to the original block's output (0 = off)"),
+        click.option("--reconstruct-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="block reconstruction learning rate [default: 1e-4 for the factors, 1e-3 for adapters]"),
+        click.option("--reconstruct-mix", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+                     help="weight of the term that feeds the ORIGINAL prefix's inputs to the compressed block"),
+        click.option("--reconstruct-adapter", type=click.Choice(list(ADAPTERS)), default="none", show_default=True,
+                     help="what block reconstruction trains: the factors themselves (none) or an adapter merged after"),
+        click.option("--reconstruct-checkpoint", type=click.Path(), default=None,
+                     help="folder for resumable block-reconstruction checkpoints (one per block); rerun to resume"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _blockwise_config(kw: dict, seed: int) -> BlockwiseConfig:
+    v = {k: kw.pop(k) for k in _BLOCKWISE_KEYS}
+    return BlockwiseConfig(v["calib_mode"], ReconstructConfig(
+        steps=v["reconstruct_steps"], lr=v["reconstruct_lr"], mix=v["reconstruct_mix"], adapter=v["reconstruct_adapter"],
+        checkpoint=v["reconstruct_checkpoint"], seed=seed))
+
+
 @main.command()
 @click.option("--model", default="minilm", show_default=True, help="registry name (see `deploy models`) or a local HF folder")
 @click.option("--method", default="svd", show_default=True, help="compression method (see `deploy methods`)")
@@ -140,6 +177,7 @@ def _op_lowering_options(f):
 @click.option("--attention-block", type=int, default=0,
               help="Combiner block (local window) size [default: about sqrt of the --seq opt length]")
 @_op_lowering_options
+@_blockwise_options
 @_method_options
 def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
           quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, recover_steps, adapter,
@@ -147,6 +185,7 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
           recover_hidden_weight, recover_checkpoint, attention, attention_block, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
     ort_lowering = {k[len("ort_op_"):]: method_opts.pop(k) for k in list(method_opts) if k.startswith("ort_op_")}
+    blockwise = _blockwise_config(method_opts, seed)
     set_quiet(quiet)
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
@@ -162,7 +201,8 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
                                               batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
                                               samples=recover_samples, seq_len=calib_len,
                                               temperature=recover_temperature, hidden_weight=recover_hidden_weight,
-                                              include_dense=adapter_dense, seed=seed))
+                                              include_dense=adapter_dense, seed=seed),
+                      blockwise=blockwise)
     res = run_build(cfg)
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "

@@ -26,6 +26,7 @@ from .outdir import check_out
 from .passes.custom_ops import check_policies
 from .passes.precision import PRECISIONS
 from .recover.stage import RecoveryConfig, check_recovery_config
+from .recover.blockwise import BlockwiseConfig, check_blockwise
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class BuildConfig:
                                max_len=max_len)
     # Recovery stage (recover/): distillation after compression, before export; steps 0 = off
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    # Block-wise compression (compress/sequential.py, recover/blockwise.py): --calib-mode, --reconstruct-*
+    blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
 
     @property
     def engine(self) -> EngineConfig:
@@ -95,7 +98,7 @@ def check_config(cfg: BuildConfig) -> None:
         raise UserError(f"unknown device '{cfg.device}'", "use --device cpu or --device cuda")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU", "use --device cpu")
-    get_method(cfg.method)
+    check_blockwise(cfg.blockwise, get_method(cfg.method), dict(cfg.options))
     check_recovery_config(cfg.recovery)
     check_policies(cfg.ort_lowering)
     check_mode(cfg.quantize)

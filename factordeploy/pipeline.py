@@ -8,6 +8,7 @@ ORIGINAL model) that every variant reuses; each variant compresses a deep copy.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .compress.base import CompressResult, get_method, method_options  # noqa: F
 from .compress.calibration import Calibration, CalibrationConfig
 from .compress.targets import DEFAULT_EXCLUDE
 from .config import BuildConfig
+from .recover.blockwise import BlockwiseConfig
 from .models.registry import LoadedModel
 from .verify.quality import EvalConfig, QualityProbe
 
@@ -80,19 +82,22 @@ class VariantResult:
         return 1 - self.result.bytes_after / self.result.bytes_before
 
 
-def compress_copy(session: Session, method: str, ratio: float, options: dict[str, Any] | None = None
-                  ) -> tuple[torch.nn.Module, CompressResult, float]:
-    """The compress stage on a deep copy of the session's original model (the original is never touched)."""
+def compress_copy(session: Session, method: str, ratio: float, options: dict[str, Any] | None = None,
+                  blockwise: BlockwiseConfig | None = None) -> tuple[torch.nn.Module, CompressResult, float]:
+    """The compress stage on a deep copy of the session's original model (the original is never touched);
+    `blockwise`: --calib-mode / --reconstruct-* (default: the build's defaults)."""
     v = session.state.variant(method, ratio, method_options(method, options))
+    if blockwise is not None:
+        v.cfg = dataclasses.replace(v.cfg, blockwise=blockwise)
     torch.manual_seed(session.state.cfg.seed)
     t0 = time.perf_counter()
     st.compress(v)
     return v.model, v.result, time.perf_counter() - t0
 
 
-def compress_and_score(session: Session, method: str, ratio: float, options: dict[str, Any] | None = None
-                       ) -> VariantResult:
-    model, result, dt = compress_copy(session, method, ratio, options)
+def compress_and_score(session: Session, method: str, ratio: float, options: dict[str, Any] | None = None,
+                       blockwise: BlockwiseConfig | None = None) -> VariantResult:
+    model, result, dt = compress_copy(session, method, ratio, options, blockwise)
     t0 = time.perf_counter()
     quality = session.probe.score(model)
     ds = time.perf_counter() - t0

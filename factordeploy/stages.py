@@ -43,6 +43,8 @@ from .passes.pipeline import PassContext, run_pipeline
 from .passes.presets import ort_pipeline, trt_pipeline
 from .progress import log, stage
 from .recover.stage import Teacher, capture_teacher, recover
+from .recover.blockwise import Reconstructor
+from .compress.sequential import compress_blockwise
 from .serve.hf_files import write_hf_files
 from .serve.ort_optimized import decide_ort_optimized
 from .report import EngineReport, FidelityReport, LatencyReport, Report, SizeReport
@@ -133,7 +135,7 @@ def export_baseline(s: BuildState) -> None:
 def calibrate(s: BuildState) -> None:
     """Calibration windows (statistics are computed lazily by the method), only when the method uses them."""
     s.method = get_method(s.cfg.method)
-    if s.calibration is None and s.method.uses_calibration(dict(s.cfg.options)):
+    if s.calibration is None and s.cfg.blockwise.uses_calibration(s.method, dict(s.cfg.options)):
         s.calibration = Calibration(s.loaded, s.cfg.calib, s.cfg.device)
         s.calibration.windows()  # tokenized now: too little text fails before any compression work
         if s.cfg.calib_cache:  # statistics stored by earlier builds of this model + calibration config
@@ -144,10 +146,17 @@ def compress(s: BuildState) -> None:
     """The method replaces the targeted linears in place; sizes and per-layer records go to the report."""
     cfg = s.cfg
     method = s.method = get_method(cfg.method)
+    bw = cfg.blockwise
     ctx = CompressContext(ratio=cfg.ratio, device=cfg.device, seed=cfg.seed, options=dict(cfg.options),
-                          calibration=s.calibration if method.uses_calibration(dict(cfg.options)) else None)
+                          calibration=s.calibration if bw.uses_calibration(method, dict(cfg.options)) else None)
     with stage(f"compress ({cfg.method})", s.timings):
-        s.result = r = method.compress(s.model, list(s.targets), ctx)
+        if bw.active(method, dict(cfg.options)):  # --calib-mode sequential / --reconstruct-steps (compress/sequential.py)
+            sig = {"method": cfg.method, "ratio": cfg.ratio, "options": cfg.options, "seed": cfg.seed,
+                   "calib": asdict(cfg.calib), "targets": s.targets, "model": s.loaded.name}
+            recon = Reconstructor(bw.reconstruct, cfg.device, sig) if bw.reconstruct.steps > 0 else None
+            s.result = r = compress_blockwise(method, s.model, list(s.targets), ctx, bw.mode(method, dict(cfg.options)), recon)
+        else:
+            s.result = r = method.compress(s.model, list(s.targets), ctx)
     if ctx.calibration is not None and cfg.calib_cache:
         ctx.calibration.save_store()
     s.model.eval()

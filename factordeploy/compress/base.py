@@ -66,6 +66,7 @@ class CompressContext:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None  # compress.calibration.Calibration, built lazily by the build
+    plan: dict[str, Any] = field(default_factory=dict)  # block-wise runs: global decisions (Method.plan)
 
     def opt(self, key: str, default: Any = None) -> Any:
         v = self.options.get(key)
@@ -118,6 +119,19 @@ class Method:
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Reject bad option values (paths, files) before any work; UserError with a fix."""
+
+    # -- block-wise compression (compress/sequential.py: --calib-mode, --reconstruct-steps) --
+    blockwise: ClassVar[bool] = True  # False: the method fits all layers jointly (compress one unit = wrong)
+    default_calib_mode: ClassVar[str] = "original"  # what --calib-mode auto means for this method
+
+    def sequential_unit(self, options: dict[str, Any]) -> int:
+        """Consecutive blocks compressed together (e.g. blocks sharing one dictionary)."""
+        return 1
+
+    def plan(self, model: nn.Module, targets: list[str], ctx: "CompressContext") -> dict[str, Any] | None:
+        """Global decisions made once on the ORIGINAL statistics before a block-wise run (e.g. ranks
+        allocated across all layers); the result is `ctx.plan` for every unit's `compress`."""
+        return None
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         raise NotImplementedError

@@ -116,41 +116,13 @@ class Calibration:
         return {n: self._grams[n] for n in names}
 
     def _collect(self, model: nn.Module, names: list[str]) -> None:
-        acc: dict[str, torch.Tensor] = {}
-        alias: dict[str, str] = {}
-        # Layers reading the same tensor are hooked back to back (q, k, v; gate, up). Holding
-        # a reference to the last input keeps its id from being reused by a later tensor.
-        last: list = [None, None]  # [tensor, layer name that owns its Gram]
-        handles = []
-
-        def hook_for(name: str):
-            def hook(_mod, inputs, _out):
-                x = inputs[0]
-                if last[0] is x:
-                    alias[name] = last[1]
-                    return
-                last[0], last[1] = x, name
-                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-                g = x2.T @ x2
-                if name in acc:
-                    acc[name] += g
-                else:
-                    acc[name] = g
-            return hook
-
-        for n in names:
-            handles.append(model.get_submodule(n).register_forward_hook(hook_for(n)))
-        try:
+        with GramHooks({n: model.get_submodule(n) for n in names}) as hooks:
             model.eval()
             for batch in track(self.batches(), "calibration statistics (X^T X, float64)", total=self.num_batches()):
                 self.loaded.output(model, batch)
-                last[0] = last[1] = None
+                hooks.next_batch()
                 self.tokens_seen += int(batch["input_ids"].numel())
-        finally:
-            for h in handles:
-                h.remove()
-        for n in names:
-            self._grams[n] = acc[n] if n in acc else acc[alias[n]]
+        self._grams.update(hooks.grams(names))
 
     def describe(self) -> dict:
         d = asdict(self.config)
@@ -159,3 +131,51 @@ class Calibration:
             d["stats_store"] = {"file": str(self._store), "grams_reused": self._loaded_from_store[0],
                                 "cache_entries_reused": self._loaded_from_store[1]}
         return d
+
+
+class GramHooks:
+    """Forward hooks accumulating X^T X (float64) of each named module's input, as a context manager.
+
+    Layers reading the same tensor are hooked back to back (q, k, v; gate, up) and share ONE Gram
+    tensor (methods recognise same-input families by identity). Holding a reference to the last
+    input keeps its id from being reused by a later tensor; call `next_batch()` after each forward.
+    Used by `Calibration` (whole-model passes) and `compress/sequential.py` (one block at a time).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.acc: dict[str, torch.Tensor] = {}
+        self.alias: dict[str, str] = {}
+        self._last: list = [None, None]  # [tensor, layer name that owns its Gram]
+        self._handles: list = []
+
+    def _hook_for(self, name: str):
+        def hook(_mod, inputs, _out):
+            x = inputs[0]
+            if self._last[0] is x:
+                self.alias[name] = self._last[1]
+                return
+            self._last[0], self._last[1] = x, name
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            g = x2.T @ x2
+            if name in self.acc:
+                self.acc[name] += g
+            else:
+                self.acc[name] = g
+        return hook
+
+    def __enter__(self) -> "GramHooks":
+        self._handles = [m.register_forward_hook(self._hook_for(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.next_batch()
+
+    def next_batch(self) -> None:
+        self._last[0] = self._last[1] = None
+
+    def grams(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: self.acc[n] if n in self.acc else self.acc[self.alias[n]] for n in names}

@@ -115,7 +115,7 @@ def damped_gram(L: torch.Tensor) -> torch.Tensor:
 
 
 def support_lstsq(R: torch.Tensor, G: torch.Tensor, idx: torch.Tensor, chunk: int = 1024,
-                  max_elems: int = 1 << 25) -> torch.Tensor:
+                  max_elems: int = 1 << 25, RG: torch.Tensor | None = None) -> torch.Tensor:
     """Values on a fixed sparse support minimising sum_o (r_o - s_o) G (r_o - s_o)^T.
 
     R (out x in) is the matrix to fit, G (in x in) the metric (X^T X: the output error
@@ -123,8 +123,13 @@ def support_lstsq(R: torch.Tensor, G: torch.Tensor, idx: torch.Tensor, chunk: in
     columns J: G[J, J] s_J = (G r_o)[J]. Rows are solved in padded batches of at most `chunk` rows
     and `max_elems` system entries (rows x kmax^2 float64: 256 MB), so a 7B-sized layer, or a
     support that piles up in a few rows, stays bounded. Returns the values in idx order.
+
+    `RG` (out x in) replaces R @ G on the right-hand side: fitting X_s S^T to a target X_o R^T
+    measured on OTHER inputs X_o (block-wise reconstruction: the compressed prefix's inputs X_s, the
+    original's X_o) takes G = X_s^T X_s and RG = R (X_s^T X_o)^T.
     """
     R64, G64 = R.detach().to(torch.float64), G.to(torch.float64)
+    RG64 = R64 @ G64 if RG is None else RG.detach().to(torch.float64)
     out_f, in_f = R64.shape
     idx = idx.long()
     rows, cols = idx // in_f, idx % in_f
@@ -148,7 +153,7 @@ def support_lstsq(R: torch.Tensor, G: torch.Tensor, idx: torch.Tensor, chunk: in
         m2 = mask[:, :, None] & mask[:, None, :]
         eye = torch.eye(kmax, dtype=torch.float64, device=R.device).expand(n, kmax, kmax)
         GJJ = torch.where(m2, GJJ, eye * (~mask[:, :, None]))  # padded slots: identity rows, zero rhs
-        rhs = torch.gather(R64[r0:r1] @ G64, 1, J) * mask
+        rhs = torch.gather(RG64[r0:r1], 1, J) * mask
         sol = torch.linalg.solve(GJJ, rhs.unsqueeze(-1)).squeeze(-1)
         vals[sel] = sol[rows[sel] - r0, pos[sel]]
     return vals.to(R.dtype)
@@ -173,3 +178,17 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
         ok = (a > 0) & (b > 0)
         d = torch.where(ok, (b / torch.where(ok, a, torch.ones_like(a))).sqrt(), torch.ones_like(a))
         return A * d[:, None], B / d[None, :]
+
+
+def refit_left(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, C: torch.Tensor | None = None) -> torch.Tensor:
+    """B (out x r) minimising ||X_o W^T - X_s A^T B^T||_F for a fixed right factor A (r x in).
+
+    G = X_s^T X_s (damp it first: `damped_gram(gram_factor(G))`), C = X_s^T X_o (None: X_o = X_s,
+    C = G). Normal equations: (A G A^T) B^T = A C W^T (SVD-LLM's closed-form update of the kept
+    factor, here toward the original layer's output on the original inputs).
+    """
+    W64, A64, G64 = W.detach().to(torch.float64), A.detach().to(torch.float64), G.to(torch.float64)
+    C64 = G64 if C is None else C.to(torch.float64)
+    M = A64 @ G64 @ A64.T
+    rhs = A64 @ C64 @ W64.T
+    return torch.linalg.solve(M, rhs).T.to(W.dtype)

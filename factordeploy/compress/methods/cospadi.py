@@ -95,6 +95,10 @@ class CoSpaDiMethod(Method):
         MethodOption("dict-iters", int, 10, "dictionary-learning iterations per layer (time vs error)"),
     )
 
+    def sequential_unit(self, options: dict) -> int:
+        """--share group: the blocks sharing one dictionary are compressed (and reconstructed) together."""
+        return int(options.get("share_blocks") or 2) if options.get("share") == "group" else 1
+
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         atoms, sparsity = ctx.opt("atoms"), ctx.opt("sparsity")
         if atoms is not None and atoms < 1 or sparsity is not None and sparsity < 1:

@@ -129,6 +129,7 @@ class DSFormerMethod(Method):
     summary = "DSFormer: W ~ dense D (out x k) x 2:4-sparse S (k x in); SVD init + joint Straight-Through Factorizer"
     options = (STF_STEPS, STF_LR, STF_BATCH, STF_CKPT, STF_SAVE_EVERY)
     needs_calibration = True
+    blockwise = False  # STF trains every factor jointly, end to end: one unit at a time would be another method
 
     def check_options(self, options: dict) -> None:
         if options.get("stf_checkpoint"):

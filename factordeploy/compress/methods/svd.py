@@ -62,7 +62,8 @@ class LowRankMethod(Method):
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         self.prepare(model, targets, ctx)
-        ranks = self.ranks(model, targets, ctx)
+        planned = ctx.plan.get("ranks")
+        ranks = {n: planned[n] for n in targets} if planned else self.ranks(model, targets, ctx)
         records = []
         for name in track(targets, f"{self.name} layers"):
             layer = model.get_submodule(name)
@@ -80,6 +81,13 @@ class LowRankMethod(Method):
 
     def finish(self, model: nn.Module, ctx: CompressContext, result: CompressResult) -> None:
         """Hook after every layer is swapped (notes, extra report data)."""
+
+    def plan(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> dict | None:
+        """Block-wise runs: a global allocation is made once over every target (original statistics)."""
+        if self.allocation(ctx) == "uniform":
+            return None
+        self.prepare(model, targets, ctx)
+        return {"ranks": self.ranks(model, targets, ctx)}
 
 
 @register
