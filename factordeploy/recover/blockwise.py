@@ -95,32 +95,33 @@ def _snapshot(m: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def closed_form_refit(data: UnitData) -> dict[str, str]:
-    """One least-squares refit of each factorized layer's free values toward the original layer (see doc)."""
-    comp = {n: m for n, m in data.compressed.named_modules() if isinstance(m, FactorizedLinear)}
-    orig = {n: data.original.get_submodule(n) for n in comp}
-    todo = {n: m for n, m in comp.items() if isinstance(m, (LowRankLinear, Sparse24Linear, SparseDictLinear))
-            and isinstance(orig[n], nn.Linear)}
-    if not todo:
-        return {}
+def _layer_stats(data: UnitData, names: list[str], orig: dict[str, nn.Module], comp: dict[str, nn.Module]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[list[str]]]:
+    """G = x_s^T x_s and C = x_s^T x_o of each named layer (float64, summed over every batch), and
+    the layers grouped by shared input in the order the forward reaches them."""
     xs_in: dict[str, torch.Tensor] = {}
     xo_in: dict[str, torch.Tensor] = {}
-    hs = [m.register_forward_hook(lambda _m, a, _o, n=n: xs_in.__setitem__(n, a[0])) for n, m in todo.items()]
-    hs += [orig[n].register_forward_hook(lambda _m, a, _o, n=n: xo_in.__setitem__(n, a[0])) for n in todo]
+    hs = [comp[n].register_forward_hook(lambda _m, a, _o, n=n: xs_in.__setitem__(n, a[0])) for n in names]
+    hs += [orig[n].register_forward_hook(lambda _m, a, _o, n=n: xo_in.__setitem__(n, a[0])) for n in names]
     G: dict[str, torch.Tensor] = {}
     C: dict[str, torch.Tensor] = {}
+    groups: list[list[str]] = []
     try:
-        for inp, xo in zip(data.inputs, data.original_inputs):
+        for bi, (inp, xo) in enumerate(zip(data.inputs, data.original_inputs)):
             run_blocks(data.original, xo, inp)
             run_blocks(data.compressed, inp.hidden, inp)
             seen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-            for n in todo:
+            for n in names:
                 a, b = xs_in[n], xo_in[n]
                 key = (id(a), id(b))
                 if key not in seen:  # q/k/v read the same input: one product
                     s2 = a.reshape(-1, a.shape[-1]).double()
                     o2 = b.reshape(-1, b.shape[-1]).double()
                     seen[key] = (s2.T @ s2, s2.T @ o2)
+                    if bi == 0:
+                        groups.append([])
+                if bi == 0:
+                    groups[list(seen).index(key)].append(n)
                 g, c = seen[key]
                 G[n] = G[n] + g if n in G else g.clone()
                 C[n] = C[n] + c if n in C else c.clone()
@@ -129,36 +130,58 @@ def closed_form_refit(data: UnitData) -> dict[str, str]:
     finally:
         for h in hs:
             h.remove()
+    return G, C, groups
+
+
+@torch.no_grad()
+def closed_form_refit(data: UnitData) -> dict[str, str]:
+    """One least-squares refit of each factorized layer's free values toward the original layer (see doc),
+    group of same-input layers after group in forward order, each on the inputs that the already refit
+    earlier layers produce (refitting all at once double-corrects: a later layer would compensate an
+    error that the refit of an earlier one removes)."""
+    comp = {n: m for n, m in data.compressed.named_modules() if isinstance(m, FactorizedLinear)}
+    orig = {n: data.original.get_submodule(n) for n in comp}
+    todo = {n: m for n, m in comp.items() if isinstance(m, (LowRankLinear, Sparse24Linear, SparseDictLinear))
+            and isinstance(orig[n], nn.Linear)}
+    if not todo:
+        return {}
+    G, C, groups = _layer_stats(data, list(todo), orig, comp)  # first group's statistics + the forward order
     done: dict[str, str] = {}
-    for n, m in todo.items():
-        W = orig[n].weight.detach().double()
-        Gd = damped_gram(gram_factor(G[n]))
-        if isinstance(m, LowRankLinear):
-            m.B.copy_(refit_left(W, m.A, Gd, C[n]).to(m.B.dtype))
-            done[n] = "B given A"
-        elif isinstance(m, Sparse24Linear):
-            idx = torch.nonzero(m.weight.detach().reshape(-1) != 0).squeeze(1)
-            vals = support_lstsq(W, Gd, idx, RG=W @ C[n].T)
-            new = torch.zeros_like(m.weight).reshape(-1)
-            new[idx] = vals.to(new.dtype)
-            m.weight.copy_(new.reshape(m.weight.shape))
-            done[n] = "values on the 2:4 mask"
-        else:  # SparseDictLinear: codes on their support, in atom space
-            k = m.atoms
-            idx = m.idx.long()  # s x out
-            if any(len(set(col.tolist())) != col.numel() for col in idx.T[:64]):
-                continue  # repeated atoms in a code: not a plain support; leave it to the gradient step
-            D = m.D.detach().double()
-            Gk = D @ Gd @ D.T
-            RGk = W @ C[n].T @ D.T  # out x k
-            flat = (torch.arange(m.out_features)[None, :] * k + idx).reshape(-1)  # (t, o) order
-            order = torch.argsort(flat)
-            vals = support_lstsq(torch.zeros(m.out_features, k, dtype=torch.float64), Gk, flat[order], RG=RGk)
-            out = torch.empty_like(vals)
-            out[order] = vals
-            m.val.copy_(out.reshape(idx.shape).to(m.val.dtype))
-            done[n] = "codes given D"
-    return done
+    for gi, group in enumerate(groups):
+        if gi:  # the inputs of this group changed with the refits before it
+            G, C, _ = _layer_stats(data, group, orig, comp)
+        for n in group:
+            done[n] = _refit_layer(todo[n], orig[n].weight.detach().double(), G[n], C[n])
+    return {n: v for n, v in done.items() if v}
+
+
+def _refit_layer(m: nn.Module, W: torch.Tensor, G: torch.Tensor, C: torch.Tensor) -> str:
+    Gd = damped_gram(gram_factor(G))
+    if isinstance(m, LowRankLinear):
+        m.B.copy_(refit_left(W, m.A, Gd, C).to(m.B.dtype))
+        return "B given A"
+    if isinstance(m, Sparse24Linear):
+        idx = torch.nonzero(m.weight.detach().reshape(-1) != 0).squeeze(1)
+        vals = support_lstsq(W, Gd, idx, RG=W @ C.T)
+        new = torch.zeros_like(m.weight).reshape(-1)
+        new[idx] = vals.to(new.dtype)
+        m.weight.copy_(new.reshape(m.weight.shape))
+        return "values on the 2:4 mask"
+    # SparseDictLinear: the code values on their support given D, in atom space
+    k = m.atoms
+    idx = m.idx.long()  # s x out
+    if bool((idx.sort(0).values[1:] == idx.sort(0).values[:-1]).any()):
+        return ""  # an atom repeated in a code: not a plain support; left to the gradient step
+    D = m.D.detach().double()
+    Gk = D @ Gd @ D.T
+    RGk = W @ C.T @ D.T  # out x k
+    flat = (torch.arange(m.out_features)[None, :] * k + idx).reshape(-1)  # (t, o) order
+    order = torch.argsort(flat)
+    vals = support_lstsq(torch.zeros(m.out_features, k, dtype=torch.float64), Gk, flat[order], RG=RGk)
+    out = torch.empty_like(vals)
+    out[order] = vals
+    m.val.copy_(out.reshape(idx.shape).to(m.val.dtype))
+    return "codes given D"
 
 
 class Reconstructor:
