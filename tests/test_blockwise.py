@@ -160,3 +160,38 @@ def test_bad_blockwise_input_is_one_named_error():
     with pytest.raises(UserError, match="reconstruct-mix"):
         check_blockwise(BlockwiseConfig("original", ReconstructConfig(steps=1, mix=2.0)), get_method("svd"), {})
     check_blockwise(BlockwiseConfig("auto", ReconstructConfig(steps=5)), get_method("svd"), {})  # every method reconstructs
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-whiten"])
+def test_measured_error_curve_equals_output_error_of_the_factors(tiny, method):
+    """error_curve[r] is the relative calibration output error of the method's own rank-r factors."""
+    from factordeploy.compress.linalg import output_error
+
+    loaded, calib, targets = tiny
+    m = get_method(method)
+    ctx = _ctx(method, calib, {"allocation": "measured"})
+    m.prepare(loaded.model, targets, ctx)
+    name = targets[3]
+    W = loaded.model.get_submodule(name).weight.detach()
+    G = calib.grams(loaded.model, [name])[name]
+    curve = m.error_curve(name, W, G)
+    ref0 = output_error(W, torch.zeros_like(W), G) ** 2
+    for r in (1, 5, 20):
+        f = m.factor(name, W, r)
+        got = output_error(W.double(), (f.B.double() @ f.A.double()), G) ** 2 / ref0
+        assert abs(float(curve[r]) - got) < 1e-3 * max(got, 1e-6) + 1e-7, (r, float(curve[r]), got)
+    assert float(curve[0]) == pytest.approx(1.0) and float(curve[-1]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_measured_allocation_meets_budget_and_beats_uniform_on_its_objective():
+    from factordeploy.compress.budget import allocate_by_error, lowrank_bytes, uniform_rank
+
+    shapes = {"fast": (64, 64), "slow": (64, 64)}
+    r = torch.arange(0, 65, dtype=torch.float64)
+    curves = {"fast": torch.exp(-r / 2), "slow": 1 - r / 64}
+    a = allocate_by_error(curves, shapes, 0.5)
+    assert a.bytes_after <= a.bytes_budget
+    u = uniform_rank(64, 64, 0.5)
+    assert sum(lowrank_bytes(64, 64, u) for _ in shapes) <= a.bytes_budget
+    uniform_err = float(curves["fast"][u] + curves["slow"][u])
+    assert a.error < uniform_err and a.ranks["slow"] > u > a.ranks["fast"] > 0

@@ -96,3 +96,90 @@ def rank_after_extra(out_f: int, in_f: int, ratio: float, extra_bytes: int, elem
     the layer's (1 - ratio) byte budget; 0 means the extra part leaves no room for rank 1."""
     budget = math.floor((1.0 - ratio) * out_f * in_f * elem)
     return max((budget - extra_bytes) // ((out_f + in_f) * elem), 0)
+
+
+@dataclass
+class ErrorAllocation:
+    """`--allocation measured`: ranks minimising the summed relative output error within the byte budget."""
+
+    ranks: dict[str, int]
+    lam: float
+    bytes_after: int
+    bytes_budget: int
+    error: float  # sum over layers of the chosen relative squared output errors
+
+
+def allocate_by_error(curves: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float,
+                      elem: int = 4, iters: int = 80) -> ErrorAllocation:
+    """Choose per layer a rank r (or dense: error 0, full bytes) minimising sum_l e_l(r_l) subject to
+    sum_l bytes_l(r_l) <= (1 - ratio) x the dense bytes, by the Lagrangian: each layer takes
+    argmin_r e_l(r) + lam * bytes_l(r), and lam is bisected (log scale) to the smallest value that
+    meets the budget; the bytes that the Lagrangian leaves unused (its duality gap: a layer whose error
+    falls linearly jumps between rank 1 and dense) are then spent greedily, one rank at a time, on the
+    largest error decrease per byte. `curves[name][r]` = relative squared output error at rank r
+    (r = 0 .. full rank), measured on the calibration activations."""
+    dense_total = sum(o * i * elem for o, i in shapes.values())
+    budget = int((1.0 - ratio) * dense_total)
+    opts = {}
+    for n, (o, i) in shapes.items():
+        rmax = max_useful_rank(o, i)
+        e = curves[n].to(torch.float64)
+        r = torch.arange(1, rmax + 1)
+        errs = torch.cat([torch.zeros(1, dtype=torch.float64), e[1:rmax + 1]])  # slot 0 = dense
+        byts = torch.cat([torch.tensor([o * i * elem], dtype=torch.float64), (r * (o + i) * elem).to(torch.float64)])
+        opts[n] = (errs, byts)
+
+    def pick(lam: float) -> tuple[dict[str, int], int, float]:
+        ranks, total, err = {}, 0, 0.0
+        for n, (errs, byts) in opts.items():
+            j = int(torch.argmin(errs + lam * byts))
+            ranks[n] = j  # 0 = dense, else the rank
+            total += int(byts[j])
+            err += float(errs[j])
+        return ranks, total, err
+
+    lo, hi = -40.0, 10.0  # log10 lam (errors are relative, bytes up to ~1e8)
+    ranks, total, err = pick(10.0 ** hi)
+    if total > budget:
+        raise ValueError("budget cannot be met even at rank 1")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        r, t, e = pick(10.0 ** mid)
+        if t <= budget:
+            hi, ranks, total, err = mid, r, t, e
+        else:
+            lo = mid
+    ranks, total, err = _greedy_fill(ranks, opts, budget, total, err)
+    return ErrorAllocation(ranks, 10.0 ** hi, total, budget, err)
+
+
+def _greedy_fill(ranks: dict[str, int], opts: dict, budget: int, total: int, err: float
+                 ) -> tuple[dict[str, int], int, float]:
+    import heapq
+
+    ranks = dict(ranks)
+
+    def step(n: str):  # (gain per byte, cost, next slot) of one more rank (or dense after the last rank)
+        errs, byts = opts[n]
+        j = ranks[n]
+        if j == 0:
+            return None  # dense already
+        nxt = j + 1 if j + 1 < len(errs) else 0
+        cost = int(byts[nxt] - byts[j])
+        gain = float(errs[j] - errs[nxt])
+        return (-(gain / max(cost, 1)), cost, nxt) if gain > 0 and cost > 0 else None
+
+    heap = [(s[0], n, s[1], s[2]) for n in ranks if (s := step(n)) is not None]
+    heapq.heapify(heap)
+    while heap:
+        g, n, cost, nxt = heapq.heappop(heap)
+        if total + cost > budget:
+            continue
+        errs = opts[n][0]
+        err += float(errs[nxt] - errs[ranks[n]])
+        total += cost
+        ranks[n] = nxt
+        s = step(n)
+        if s is not None:
+            heapq.heappush(heap, (s[0], n, s[1], s[2]))
+    return ranks, total, err

@@ -7,14 +7,15 @@ from torch import nn
 
 from ...errors import UserError
 from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
-from ..budget import allocate_by_threshold, uniform_rank
+from ..budget import allocate_by_error, allocate_by_threshold, uniform_rank
 from ..layers import LowRankLinear
-from ..linalg import Factors, output_error, singular_values, truncated_svd
+from ..linalg import Factors, output_error, singular_values, svd, truncated_svd
 from ...progress import track
 
 ALLOCATION = MethodOption("allocation", str, "uniform",
-                          "rank allocation: same byte ratio per layer, or WeLore's global spectrum threshold",
-                          choices=("uniform", "welore"))
+                          "rank allocation: same byte ratio per layer, WeLore's global spectrum threshold, or measured "
+                          "(ranks minimising the summed calibration output error of every layer within the budget)",
+                          choices=("uniform", "welore", "measured"))
 
 
 class LowRankMethod(Method):
@@ -27,6 +28,17 @@ class LowRankMethod(Method):
     """
 
     options = (ALLOCATION,)
+
+    def uses_calibration(self, options: dict) -> bool:
+        return self.needs_calibration or options.get("allocation") == "measured"
+
+    def error_curve(self, name: str, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """Relative squared calibration output error ||X (W - W_r)^T||^2 / ||X W^T||^2 at every rank r
+        (r = 0 .. full) of this method's factors. Plain SVD: W - W_r = sum_{i>r} s_i u_i v_i^T and the u_i
+        are orthonormal, so the error is sum_{i>r} s_i^2 v_i^T G v_i (one SVD, no refactoring)."""
+        _, S, Vh = svd(W)
+        q = S ** 2 * torch.einsum("ri,ij,rj->r", Vh, G.to(torch.float64), Vh)
+        return _tail_curve(q)
 
     def prepare(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> None:
         """Hook for data collection before any layer changes (calibration statistics etc.)."""
@@ -47,6 +59,20 @@ class LowRankMethod(Method):
 
     def ranks(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> dict[str, int]:
         shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in targets}
+        if self.allocation(ctx) == "measured":
+            if type(self).error_curve is LowRankMethod.error_curve and self.factor.__func__ is not LowRankMethod.factor:
+                raise UserError(f"--allocation measured is not available for {self.name}",
+                                "use it with svd or svd-whiten, or pick --allocation uniform|welore")
+            grams = ctx.require_calibration().grams(model, targets)
+            curves = {n: self.error_curve(n, model.get_submodule(n).weight.detach(), grams[n])
+                      for n in track(targets, "measured output error per rank")}
+            try:
+                alloc = allocate_by_error(curves, shapes, ctx.ratio, elem=model.get_submodule(targets[0]).weight.element_size())
+            except ValueError as e:
+                raise UserError(f"--ratio {ctx.ratio} cannot be met by measured allocation ({e})", "use a smaller --ratio") from e
+            self.allocation_note = (f"measured allocation: ranks minimising the summed relative calibration output error "
+                                    f"(sum {alloc.error:.4g}), bytes {alloc.bytes_after}/{alloc.bytes_budget} budget")
+            return alloc.ranks
         if self.allocation(ctx) == "welore":
             spectra = {n: self.spectrum(n, model.get_submodule(n).weight.detach())
                        for n in track(targets, "spectra for allocation")}
@@ -94,6 +120,13 @@ class LowRankMethod(Method):
 class SVDMethod(LowRankMethod):
     name = "svd"
     summary = "truncated SVD per layer (W ~ U_r S_r V_r^T), data-free"
+
+
+def _tail_curve(q: torch.Tensor) -> torch.Tensor:
+    """e[r] = sum_{i >= r} q_i / sum q for r = 0 .. len(q) (component i dropped when r <= i)."""
+    tail = torch.flip(torch.cumsum(torch.flip(q.to(torch.float64), [0]), 0), [0])
+    total = float(tail[0]) if q.numel() else 0.0
+    return torch.cat([tail, torch.zeros(1, dtype=torch.float64)]) / (total if total > 0 else 1.0)
 
 
 def error_metrics(W: torch.Tensor, f: Factors, gram: torch.Tensor | None = None) -> dict:

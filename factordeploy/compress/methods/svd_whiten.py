@@ -13,7 +13,7 @@ from torch import nn
 
 from ..base import CompressContext, register
 from ..linalg import Factors, gram_factor, singular_values, whitened_svd
-from .svd import LowRankMethod, error_metrics
+from .svd import LowRankMethod, _tail_curve, error_metrics
 
 
 @register
@@ -34,6 +34,10 @@ class SVDWhitenMethod(LowRankMethod):
 
     def spectrum(self, name: str, W: torch.Tensor) -> torch.Tensor:
         return singular_values(W.to(torch.float64) @ self.chol(name))
+
+    def error_curve(self, name: str, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """Whitened SVD's calibration error at rank r is exactly the dropped part of W L's spectrum."""
+        return _tail_curve(self.spectrum(name, W) ** 2)
 
     def factor(self, name: str, W: torch.Tensor, rank: int) -> Factors:
         return whitened_svd(W, self.chol(name), rank)
