@@ -44,6 +44,9 @@ POINTS = {
         "ql4-gptq-b64=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-block 64 --quant-algo gptq",
         "w8+emb=--method quant-lowrank --bits 8 --lowrank-bytes 0 --quantize w8 --quantize-head",
         "ql4-gptq+emb=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq --quantize w8 --quantize-head",
+        "w4-gptq+emb4=--method quant-lowrank --bits 4 --lowrank-bytes 0 --quant-algo gptq --quantize-head --embedding-bits 4",
+        "ql4-gptq+emb4=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq --quantize-head --embedding-bits 4",
+        "w8+emb4=--method quant-lowrank --bits 8 --lowrank-bytes 0 --quantize-head --embedding-bits 4",
         "svd-whiten-0.3+w8=--method svd-whiten --ratio 0.3 --quantize w8",
         "svd-whiten-0.1+w4=--method svd-whiten --ratio 0.1 --quantize w4 --quant-algo gptq",
         "sparse24+w8=--method sparse24 --score sparsegpt --quantize w8",
@@ -55,6 +58,7 @@ POINTS = {
         "ql4-gptq=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq",
         "w8+emb=--method quant-lowrank --bits 8 --lowrank-bytes 0 --quantize w8 --quantize-head",
         "ql4-gptq+emb=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq --quantize w8 --quantize-head",
+        "ql4-gptq+emb4=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq --quantize-head --embedding-bits 4",
     ],
 }
 

@@ -120,7 +120,9 @@ def _op_lowering_options(f):
 @click.option("--quant-asym", is_flag=True, help="weight-only: asymmetric codes with zero points (ONNX Runtime only)")
 @click.option("--quant-algo", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="weight-only: rtn (ONNX Runtime's own quantizer) or gptq (calibration output error)")
-@click.option("--quantize-head", is_flag=True, help="weight-only: also store the LM head (at the --quantize bits) and the token-embedding table (int8 per row) quantized")
+@click.option("--quantize-head", is_flag=True, help="weight-only: also store the LM head (at the --quantize bits) and the token-embedding table quantized")
+@click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="with --quantize-head: the token-embedding table at 8 bits (one scale per row) or 4 bits (--quant-block blocks)")
 @click.option("--batch", "trt_batch", default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", default="1:128:512", show_default=True, help="TensorRT profile sequence min:opt:max")
 @click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
@@ -149,7 +151,7 @@ def _op_lowering_options(f):
 @_op_lowering_options
 @_method_options
 def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, fmt, quantize, quant_block, quant_asym, quant_algo, quantize_head, trt_batch, trt_seq, recover_steps, adapter,
+          quiet, backend, precision, sparse_weights, fmt, quantize, quant_block, quant_asym, quant_algo, quantize_head, embedding_bits, trt_batch, trt_seq, recover_steps, adapter,
           adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
           recover_hidden_weight, recover_checkpoint, attention, attention_block, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
@@ -165,7 +167,7 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
                       sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq,
                       quantize=quantize, quant_block=quant_block, quant_sym=not quant_asym, quant_algo=quant_algo,
-                      quantize_head=quantize_head, calib_cache=calib_cache, attention=attention, attention_block=attention_block,
+                      quantize_head=quantize_head, embedding_bits=int(embedding_bits), calib_cache=calib_cache, attention=attention, attention_block=attention_block,
                       recovery=RecoveryConfig(steps=recover_steps, adapter=adapter, rank=adapter_rank, lr=recover_lr,
                                               batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
                                               samples=recover_samples, seq_len=calib_len,
@@ -193,9 +195,9 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
 
         echo_repository(res.out / "triton", write_repository(res.out, r.to_dict(), res.out / "triton"))
     elif q and "layers_quantized" in q:
-        click.echo(f"weight-only {q['mode']}: {q['layers_quantized']} layers, block-linear bytes "
+        click.echo(f"weight-only {q['mode'] if q['mode'] != 'none' else '(LM head)'}: {q['layers_quantized']} layers, block-linear bytes "
                    f"{q['bytes_before'] / 1e6:.2f} -> {q['bytes_after'] / 1e6:.2f} MB; "
-                   + (f"embedding table {q['embedding']['bytes_before'] / 1e6:.1f} -> {q['embedding']['bytes_after'] / 1e6:.1f} MB (int8 per row); "
+                   + (f"embedding table {q['embedding']['bytes_before'] / 1e6:.1f} -> {q['embedding']['bytes_after'] / 1e6:.1f} MB ({q['embedding']['form']}); "
                       if q.get("embedding") else "") + f"model.onnx {q.get('model_onnx_bytes', 0) / 1e6:.1f} MB")
     if not r.fidelity.passed or (q and "fidelity" in q and not q["fidelity"]["passed"]):
         sys.exit(1)

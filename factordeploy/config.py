@@ -66,7 +66,8 @@ class BuildConfig:
     quant_block: int = 32  # codes per scale along K (weight-only and quant-lowrank)
     quant_sym: bool = True  # symmetric codes (TensorRT takes symmetric only)
     quant_algo: str = "rtn"  # rtn (ONNX Runtime's own quantizer, reproduced) | gptq (calibration output error)
-    quantize_head: bool = False  # also the LM head (decoders; a tied head gets its own codes)
+    quantize_head: bool = False  # also the LM head (a tied head gets its own codes) and the token-embedding table
+    embedding_bits: int = 8  # the table's codes with quantize_head: 8 (one scale per row) or 4 (quant_block blocks)
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
     calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
@@ -139,6 +140,9 @@ def check_quant_config(cfg: BuildConfig) -> None:
     if not quant and (cfg.quantize_head or not cfg.quant_sym or cfg.quant_algo != "rtn" or cfg.quant_block != 32):
         raise UserError("--quant-block/--quant-asym/--quant-algo/--quantize-head apply to weight-only quantization",
                         "add --quantize w8 or --quantize w4 (or use --method quant-lowrank)")
+    if cfg.embedding_bits not in (4, 8) or (cfg.embedding_bits != 8 and not cfg.quantize_head):
+        raise UserError(f"--embedding-bits {cfg.embedding_bits} needs --quantize-head (the table is stored at 8 or 4 bits)",
+                        "add --quantize-head, or drop --embedding-bits")
     if cfg.backend in (FULL, RTX) and quant:
         bits = WEIGHT_ONLY.get(cfg.quantize) or int(cfg.options.get("bits") or 4)
         if bits not in TRT_BITS or (cfg.method == "quant-lowrank" and int(cfg.options.get("bits") or 4) not in TRT_BITS):

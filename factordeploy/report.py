@@ -179,7 +179,7 @@ def render_markdown(r: dict) -> str:
                   + f" is block-quantized: {_mb(qz['bytes_before'])} -> {_mb(qz['bytes_after'])} (codes, fp32 scales"
                   + ("" if sp["symmetric"] else ", zero points") + " counted)."
                   + (f" Kept in fp32 (no per-factor MatMul): {', '.join(qz['kept_fp32'])}." if qz["kept_fp32"] else "")
-                  + (f" Token-embedding table ({qz['embedding']['name']}): int8 per row, {_mb(qz['embedding']['bytes_before'])}"
+                  + (f" Token-embedding table ({qz['embedding']['name']}): {qz['embedding']['form']}, {_mb(qz['embedding']['bytes_before'])}"
                      f" -> {_mb(qz['embedding']['bytes_after'])}." if qz.get("embedding") else ""),
                   "The export check above ran model.onnx at MatMulNBits accuracy_level 0 (fp32 arithmetic on the stored codes)."]
         if qf:

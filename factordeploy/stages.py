@@ -29,7 +29,8 @@ from .attention import AttentionConfig, check_supported, install_combiner
 from .compress.base import CompressContext, CompressResult, Method, get_method
 from .compress.calibration import Calibration
 from .compress.layers import FactorizedLinear, layer_bytes, stored_model_bytes
-from .compress.quantize import WEIGHT_ONLY, apply_pending, block_linears, quantize_model, spec_for
+from .compress.quant import QuantSpec
+from .compress.quantize import WEIGHT_ONLY, apply_pending, block_linears, embedding_name, quantize_model, spec_for
 from .compress.targets import find_targets
 from .config import BuildConfig
 from .engines import ort as ortmod
@@ -120,7 +121,19 @@ def load(s: BuildState) -> None:
     s.before = model_bytes(s.model)
     s.attention = s.cfg.attention_config(s.model)
     check_supported(s.model, s.attention)  # an unsupported --attention fails before any work
+    get_method(cfg.method).validate_model(s.model, s.targets, cfg.options)  # shape rules before calibration
+    check_embedding_quant(s.model, cfg)
     s.report.model = {"name": s.loaded.name, "kind": s.loaded.kind, "source": s.loaded.source}
+
+
+def check_embedding_quant(model, cfg) -> None:
+    """--quantize-head --embedding-bits 4 needs --quant-block to divide the table's width (one-line error)."""
+    name = embedding_name(model) if cfg.quantize_head else None
+    if name is not None and cfg.embedding_bits == 4:
+        D = model.get_submodule(name).weight.shape[1]
+        if D % cfg.quant_block:
+            raise UserError(f"--quant-block {cfg.quant_block} does not divide the embedding width {D} (--embedding-bits 4)",
+                            "use --embedding-bits 8, or a --quant-block that divides " + str(D))
 
 
 def reference(s: BuildState) -> None:
@@ -213,7 +226,16 @@ def quantize_weights(s: BuildState) -> None:
     training saw full precision); factors a method left pending (quant-lowrank's correction) are stored too."""
     cfg = s.cfg
     if cfg.quantize not in WEIGHT_ONLY:
-        if apply_pending(s.model):
+        changed = apply_pending(s.model)
+        if cfg.quantize_head:  # quant-lowrank alone: the head at the method's bits, the table at --embedding-bits
+            q = s.quant_settings()
+            spec = QuantSpec(int(cfg.options.get("bits") or 4), q["block"], q["symmetric"], "rtn", q["grid"])
+            with stage(f"quantize LM head and embedding table ({spec.tag})", s.timings):
+                s.report.quantize = {"mode": cfg.quantize,
+                                     **quantize_model(s.model, [], spec, head=True, embedding_bits=cfg.embedding_bits,
+                                                      only_head=True).as_dict()}
+            changed = True
+        if changed:
             _refresh_sizes(s)
         return
     q = s.quant_settings()
@@ -224,7 +246,8 @@ def quantize_weights(s: BuildState) -> None:
         with stage("calibration statistics for GPTQ", s.timings):
             grams = s.calibration.grams(s.model, names)
     with stage(f"quantize stored factors ({spec.tag})", s.timings):
-        summary = quantize_model(s.model, s.targets, spec, head=cfg.quantize_head, grams=grams)
+        summary = quantize_model(s.model, s.targets, spec, head=cfg.quantize_head, grams=grams,
+                                 embedding_bits=cfg.embedding_bits)
     s.model.eval()
     s.report.quantize = {"mode": cfg.quantize, **summary.as_dict()}
     _refresh_sizes(s)

@@ -146,15 +146,21 @@ def test_each_layer_kind_quantizes_exports_and_counts_bytes(kind, bits, tmp_path
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], ref, atol=2e-5, rtol=1e-4)
 
 
-def test_quantized_embedding_rows_and_export(tmp_path):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_embedding_rows_and_export(bits, tmp_path):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    W = torch.randn(50, 24)
-    e = QuantEmbedding(W)
-    step = W.abs().amax(1, keepdim=True) / 127
-    assert bool(((e.weight - W).abs() <= 0.5 * step + 1e-7).all())
-    assert e.stored_bytes() == 50 * 24 + 50 * 4
+    W = torch.randn(50, 64)
+    e = QuantEmbedding(W, bits=bits, block=32)
+    if bits == 8:  # one scale per row, half a step
+        step = (W.abs().amax(1, keepdim=True) / 127).expand_as(W)
+        assert bool(((e.weight - W).abs() <= 0.5 * step + 1e-7).all())
+        assert e.stored_bytes() == 50 * 64 + 50 * 4
+    else:  # ONNX Runtime's 4-bit grid per block of 32 along each row (its codes, see the RTN test)
+        ref = QuantizedMatrix.from_weight(W, QuantSpec(4, 32, True)).weight()
+        torch.testing.assert_close(e.weight, ref, rtol=0, atol=1e-7)
+        assert e.stored_bytes() == 50 * 64 // 2 + 50 * 2 * 4
 
     class M(torch.nn.Module):
         def __init__(self) -> None:
@@ -168,11 +174,13 @@ def test_quantized_embedding_rows_and_export(tmp_path):
     prog = torch.onnx.export(M().eval(), (ids,), dynamo=True, input_names=["ids"], output_names=["y"], opset_version=18)
     proto = run_pipeline(prog.model_proto, ort_pipeline(), PassContext())
     ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("Gather") == 2 and "DequantizeLinear" not in ops  # only the looked-up rows are dequantized
-    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    assert any(v.dtype == np.int8 and v.shape == (50, 24) for v in init.values())
+    assert "DequantizeLinear" not in ops  # only the looked-up rows are dequantized
+    assert (ops.count("Gather") == 2) if bits == 8 else (ops == ["GatherBlockQuantized"])
+    inits = {t.name: t for t in proto.graph.initializer}
+    want = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4
+    assert any(t.data_type == want and list(t.dims) == [50, 64] for t in inits.values())
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids.numpy()})[0]
-    np.testing.assert_allclose(got, e(ids).numpy(), atol=0, rtol=0)
+    np.testing.assert_allclose(got, e(ids).numpy(), atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- quant-lowrank never loses to plain quantization
@@ -225,7 +233,7 @@ def test_quant_lowrank_output_error_never_worse_than_plain_at_same_bytes(seed):
 def w4_build(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("w4") / "tiny-w4"
     r = CliRunner().invoke(main, ["build", "--model", str(tiny_llama_dir), "--method", "svd", "--ratio", "0.5",
-                                  "--quantize", "w4", "--quantize-head", "--out", str(out), "--no-baseline",
+                                  "--quantize", "w4", "--quantize-head", "--embedding-bits", "4", "--out", str(out), "--no-baseline",
                                   "--backend", "ort", "--quiet"])
     assert r.exit_code == 0, r.output
     return out, json.loads((out / "report.json").read_text())
@@ -241,8 +249,11 @@ def test_w4_build_stores_codes_counts_bytes_and_generates(w4_build):
     assert len(nbits) >= 2 * 7 * 2  # both factors of every low-rank layer of 2 blocks (+ the head)
     # the report's bytes are the file's: quantized factors, head and the int8 table
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    table = [v for v in inits.values() if v.dtype == np.int8 and v.ndim == 2]
-    assert sum(v.nbytes for v in table) + 4 * table[0].shape[0] == q["embedding"]["bytes_after"]
+    gbq = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gbq) == 1 and q["embedding"]["form"] == "w4g32"
+    t4 = next(t for t in proto.graph.initializer if t.name == gbq[0].input[0])  # INT4: two codes per byte
+    assert len(t4.raw_data) == t4.dims[0] * t4.dims[1] // 2
+    assert len(t4.raw_data) + inits[gbq[0].input[2]].nbytes == q["embedding"]["bytes_after"]
     # the whole file is the stored bytes the report counts, plus graph structure (< 2%)
     size = (out / "model.onnx").stat().st_size
     assert rep["size"]["bytes_after"] <= size <= 1.02 * rep["size"]["bytes_after"], (size, rep["size"]["bytes_after"])
@@ -276,6 +287,7 @@ def test_trt_rtx_engine_builds_from_quantized_graph(extra, tiny_llama_dir, tmp_p
     (["--method", "quant-lowrank", "--bits", "3"], "--bits"),
     (["--method", "quant-lowrank", "--rank", "100000"], "--rank"),
     (["--method", "svd", "--quant-algo", "gptq"], "--quant-algo"),
+    (["--method", "svd", "--quantize", "w4", "--embedding-bits", "4"], "--quantize-head"),
 ])
 def test_bad_quantization_values_are_one_line_errors(args, needle, tiny_llama_dir, tmp_path):
     out = tmp_path / "never"

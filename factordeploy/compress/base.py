@@ -122,6 +122,10 @@ class Method:
     def check_options(self, options: dict[str, Any]) -> None:
         """Reject bad option values (paths, files) before any work; UserError with a fix."""
 
+    def validate_model(self, model: nn.Module, targets: list[str], options: dict[str, Any]) -> None:
+        """Rules that need the targeted layers themselves (their exact shapes): the build calls this once the
+        targets are found and before calibration (stages.load); UserError with a fix."""
+
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         raise NotImplementedError
 

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from ..ops import quant_gather, quant_matmul, sparse_dict_matmul, sparse_matmul
 from ..ops.export import emit
 from .linalg import balance_factors
-from .quant import QuantizedMatrix, QuantSpec, quant_bytes
+from .quant import QuantizedMatrix, QuantSpec, quant_bytes, quantize_rtn
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -750,42 +750,60 @@ class QuantLowRankLinear(FactorizedLinear):
 
 
 class QuantEmbedding(nn.Module):
-    """A token-embedding table stored as int8 codes with one fp32 scale per row (symmetric, absmax/127).
+    """A token-embedding table stored as signed codes with fp32 scales: 8 bits with one scale per row
+    (absmax / 127), or 4 bits with one scale per `block` entries (ONNX Runtime's signed grid).
 
     `--quantize-head` stores it so (the table is a third of a small decoder's bytes and most of an
-    encoder's file). forward: codes[ids] * scale[ids]; the file holds the codes (one node of
-    ops/quant_gather under export: dequantize-then-gather for TensorRT, gather-then-dequantize for
-    ONNX Runtime). Rows are looked up, never multiplied: per-row int8 moves each entry by at most
-    half a step (1/254 of the row's largest entry). A tied LM head keeps its own weight (quantized, if at all, as a DenseLinear).
+    encoder's file; `--embedding-bits` picks 8 or 4). forward: codes[ids] * scale[ids]; the file holds the
+    codes (one node of ops/quant_gather under export: dequantize-then-gather for TensorRT,
+    gather-then-dequantize for ONNX Runtime). Rows are looked up, never multiplied: per-row int8 moves
+    each entry by at most half a step (1/254 of the row's largest entry). A tied LM head keeps its own
+    weight (quantized, if at all, as a DenseLinear).
     """
 
     kind = "quant_embedding"
 
-    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None, bits: int = 8, block: int = 32) -> None:
         super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"embedding bits must be 4 or 8, got {bits}")
         W = weight.detach().to(torch.float32)
-        scale = W.abs().amax(1, keepdim=True) / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        self.register_buffer("codes", torch.round(W / scale).clamp(-127, 127).to(torch.int8).contiguous())
+        V, D = W.shape
+        if bits == 8:
+            block = D
+            scale = W.abs().amax(1, keepdim=True) / 127.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            codes = torch.round(W / scale).clamp(-127, 127)
+        else:
+            if D % block:
+                raise ValueError(f"4-bit embedding blocks of {block} must divide the width {D}")
+            spec = QuantSpec(4, block, True)
+            q, sc, _ = quantize_rtn(W.T.contiguous(), spec)  # K = D: blocks along each row
+            codes = q.T.to(torch.int16) - 8
+            scale = sc.T.contiguous()
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.to(weight.dtype).contiguous())
-        self.num_embeddings, self.embedding_dim = W.shape
+        self.num_embeddings, self.embedding_dim = V, D
+        self.bits, self.block = bits, block
         self.padding_idx = padding_idx
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized table (what every lookup returns)."""
-        return self.codes.to(self.scale.dtype) * self.scale
+        return quant_gather.dequantize_rows(self.codes, self.scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            return emit(quant_gather.SPEC, (self.codes, self.scale, ids.to(torch.int64)))
-        return self.codes[ids].to(self.scale.dtype) * self.scale[ids]
+            return emit(quant_gather.SPEC, (self.codes, self.scale, ids.to(torch.int64)),
+                        {"bits": self.bits, "block": self.block})
+        return quant_gather.dequantize_rows(self.codes[ids], self.scale[ids])
 
     def stored_bytes(self) -> int:
-        return tensor_bytes(self.codes) + tensor_bytes(self.scale)
+        return self.codes.numel() * self.bits // 8 + tensor_bytes(self.scale)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "rows": self.num_embeddings, "dim": self.embedding_dim, "quant": {"table": "int8 per row"}}
+        tag = "int8 per row" if self.bits == 8 else f"w4g{self.block}"
+        return {"kind": self.kind, "rows": self.num_embeddings, "dim": self.embedding_dim, "quant": {"table": tag}}
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+        return f"{self.num_embeddings}, {self.embedding_dim}, " + self.describe()["quant"]["table"]

@@ -77,13 +77,14 @@ def embedding_name(model: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def quantize_embedding(model: nn.Module) -> dict | None:
-    """Store the token-embedding table as int8 per row (QuantEmbedding); a tied head keeps its weight."""
+def quantize_embedding(model: nn.Module, bits: int = 8, block: int = 32) -> dict | None:
+    """Store the token-embedding table quantized (QuantEmbedding: int8 per row, or 4-bit blocks); a tied
+    head keeps its own weight."""
     name = embedding_name(model)
     if name is None:
         return None
     emb = get_module(model, name)
-    new = QuantEmbedding(emb.weight, emb.padding_idx).to(emb.weight.device)
+    new = QuantEmbedding(emb.weight, emb.padding_idx, bits=bits, block=block).to(emb.weight.device)
     head = head_name(model)
     if head is not None and get_module(model, head).weight is emb.weight:  # untie: the head keeps its own copy
         h = get_module(model, head)
@@ -91,7 +92,8 @@ def quantize_embedding(model: nn.Module) -> dict | None:
         if hasattr(model, "config"):
             model.config.tie_word_embeddings = False
     set_module(model, name, new)
-    return {"name": name, "bytes_before": tensor_bytes(emb.weight), "bytes_after": new.stored_bytes()}
+    return {"name": name, "bits": bits, "form": new.describe()["quant"]["table"],
+            "bytes_before": tensor_bytes(emb.weight), "bytes_after": new.stored_bytes()}
 
 
 def block_linears(model: nn.Module, targets: list[str]) -> list[str]:
@@ -104,16 +106,18 @@ def block_linears(model: nn.Module, targets: list[str]) -> list[str]:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, targets: list[str], spec: QuantSpec, head: bool = False,
-                   grams: dict[str, torch.Tensor] | None = None) -> QuantizeSummary:
-    """Quantize in place; returns what was stored at which width and the bytes before/after."""
+                   grams: dict[str, torch.Tensor] | None = None, embedding_bits: int = 8,
+                   only_head: bool = False) -> QuantizeSummary:
+    """Quantize in place; returns what was stored at which width and the bytes before/after.
+    `only_head`: just the LM head and the embedding table (a method stored the block linears itself)."""
     summary = QuantizeSummary(asdict(spec))
-    names = block_linears(model, targets)
+    names = [] if only_head else block_linears(model, targets)
     hname = head_name(model) if head else None
     if hname is not None:
         names.append(hname)
         summary.head = hname
     if head:
-        summary.embedding = quantize_embedding(model)
+        summary.embedding = quantize_embedding(model, embedding_bits, spec.block)
     for name in names:
         m = get_module(model, name)
         before = layer_bytes(m)
@@ -122,8 +126,8 @@ def quantize_model(model: nn.Module, targets: list[str], spec: QuantSpec, head: 
                 continue
             m = DenseLinear(m.weight, m.bias).to(m.weight.device)
             set_module(model, name, m)
-        done = m.quantize_factors_(spec, gram=(grams or {}).get(name))
-        done += m.apply_pending_quant_()
+        done = m.apply_pending_quant_()  # a method's own choice of width first (quant-lowrank's correction)
+        done += m.quantize_factors_(spec, gram=(grams or {}).get(name))
         if not done and not m.quantized():
             summary.kept_fp32.append(name)
         summary.layers.append(QuantizeLayer(name, m.kind, done, before, layer_bytes(m)))

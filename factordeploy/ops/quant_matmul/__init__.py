@@ -23,7 +23,7 @@ import numpy as np
 
 import onnx_graphsurgeon as gs
 
-from ..body import constant_values
+from ..body import constant_values, typed_constant
 from ..spec import Attr, Lowering, OpSpec
 
 ACCURACY_LEVEL = 4  # MatMulNBits: int8-quantized activations (MLAS fast path for 4 and 8 bits)
@@ -59,20 +59,6 @@ def _onnx_codes(q: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool):
     return (dt, q.astype(np.uint8)), (dt, zero.astype(np.uint8))
 
 
-def _tensor(name: str, dt_vals) -> Any:
-    """A gs.Constant holding an onnx TensorProto (INT4/UINT4 are packed two per byte by onnx.helper)."""
-    import onnx_graphsurgeon as gs
-    from onnx import TensorProto, helper, numpy_helper
-
-    dt, vals = dt_vals
-    if dt in (TensorProto.INT4, TensorProto.UINT4):
-        proto = helper.make_tensor(name, dt, list(vals.shape), vals.flatten().tolist())
-        from onnx_graphsurgeon.ir.tensor import LazyValues
-
-        return gs.Constant(name, LazyValues(proto))
-    return gs.Constant(name, numpy_helper.to_array(numpy_helper.from_array(vals, name)))
-
-
 def body(b, inputs, outputs, attrs) -> None:
     """DequantizeLinear(codes, scale[, zero], axis=0, block_size) -> MatMul (QDQ weight-only)."""
     x, q_t, s_t, z_t = inputs
@@ -86,7 +72,7 @@ def body(b, inputs, outputs, attrs) -> None:
         raise ValueError("quantized matmul: TensorRT's QDQ weights need positive scales; this weight was quantized on "
                          "ONNX Runtime's signed grid (quantize with grid='positive' for TensorRT)")
     codes, zp = _onnx_codes(q, zero, bits, sym)
-    ins = [_tensor(b._name("codes"), codes), s_t] + ([_tensor(b._name("zero"), zp)] if zp is not None else [])
+    ins = [typed_constant(b._name("codes"), codes), s_t] + ([typed_constant(b._name("zero"), zp)] if zp is not None else [])
     w = b.op("DequantizeLinear", ins, "weight", attrs={"axis": 0, "block_size": block})
     b.op("MatMul", [x, w], "mm", out=outputs[0])
 
