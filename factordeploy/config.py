@@ -21,11 +21,15 @@ from .engines.quantize import check_mode
 from .engines.tensorrt import Range3
 from .engines.trt_module import BACKENDS, FULL, RTX, require
 from .errors import UserError
+from .models.shape import ModelShape
 from .models.text import read_text_input
-from .outdir import check_out
+from .outdir import check_out, check_writable_folder
 from .passes.custom_ops import check_policies
 from .passes.precision import PRECISIONS
 from .recover.stage import RecoveryConfig, check_recovery_config
+
+
+DEFAULT_SEQ = "1:128:512"
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class BuildConfig:
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
     calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
-    trt_seq: str = "1:128:512"
+    trt_seq: str = DEFAULT_SEQ  # a --seq max beyond the model's positions is refused unless it is this default
     # structured attention (attention/): full | combiner-fixed | combiner-logsparse | combiner-axial
     attention: str = "full"
     attention_block: int = 0  # 0 = about sqrt of the --seq opt length
@@ -101,9 +105,34 @@ def check_config(cfg: BuildConfig) -> None:
     check_mode(cfg.quantize)
     check_engine_config(cfg)
     check_attention(cfg.attention_config())
+    if cfg.calib_cache:
+        check_writable_folder(cfg.calib_cache, "--calib-cache")
     if cfg.calib.text_file is not None:
         read_text_input(cfg.calib.text_file, "--calib-data")
     check_out(cfg.out, cfg.overwrite, input_paths(cfg))
+
+
+def check_model_limits(cfg: BuildConfig, shape: ModelShape) -> None:
+    """The option ranges that depend on the model, checked once its config.json is read and before any
+    weight is loaded (models.registry.load_model's on_config hook, from stages.load): sequence lengths vs
+    its position table, the adapter rank vs its widths, --attention-block, and the method's own
+    `validate(options, shape)` (dictionary sizes, block counts, ...)."""
+    pos = shape.max_positions
+    if pos is not None and cfg.calib.length > pos:
+        raise UserError(f"--calib-len {cfg.calib.length} exceeds the {pos} positions of {shape.name}",
+                        f"pass --calib-len <= {pos}")
+    seq = Range3.parse(cfg.trt_seq, "seq")
+    if pos is not None and seq.max > pos and cfg.trt_seq != DEFAULT_SEQ:
+        raise UserError(f"--seq max {seq.max} exceeds the {pos} positions of {shape.name}",
+                        f"pass --seq with a max <= {pos}, e.g. --seq 1:{min(seq.opt, pos)}:{pos}")
+    narrow = min(shape.widths)
+    if cfg.recovery.rank > narrow:
+        raise UserError(f"--adapter-rank {cfg.recovery.rank} exceeds the narrowest linear width of {shape.name} ({narrow})",
+                        f"pass --adapter-rank <= {narrow}, e.g. 8")
+    if cfg.attention != "full":
+        a = cfg.attention_config()
+        check_attention(AttentionConfig(a.kind, a.block, min(a.max_len, pos) if pos else a.max_len))
+    get_method(cfg.method).validate(dict(cfg.options), shape)
 
 
 def input_paths(cfg: BuildConfig) -> list[str]:

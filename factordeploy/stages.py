@@ -29,7 +29,7 @@ from .attention import AttentionConfig, check_supported, install_combiner
 from .compress.base import CompressContext, CompressResult, Method, get_method
 from .compress.calibration import Calibration
 from .compress.targets import find_targets
-from .config import BuildConfig
+from .config import BuildConfig, check_model_limits
 from .engines import ort as ortmod
 from .engines.ort_model import OrtModel
 from .engines.quantize import quantize_int8
@@ -101,7 +101,7 @@ def load(s: BuildState) -> None:
     cfg = s.cfg
     torch.manual_seed(cfg.seed)
     with stage("load model", s.timings):
-        s.loaded = load_model(cfg.model)
+        s.loaded = load_model(cfg.model, on_config=lambda shape: check_model_limits(cfg, shape))
         s.loaded.model.to(cfg.device)
     s.targets = find_targets(s.model, cfg.include, cfg.exclude)
     if not s.targets:

@@ -8,6 +8,7 @@ from `Method.options`, so adding a method touches compress/ only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models.shape import ModelShape
+from ..ranges import INT32
 from .layers import describe_layer, layer_bytes
 from .targets import get_module, set_module
 
@@ -34,6 +37,7 @@ class MethodOption:
     min: float | None = None
     max: float | None = None
     min_open: bool = False
+    multiple_of: int | None = None  # ints with a divisibility rule (e.g. SparseGPT blocks of 4 columns)
 
     @property
     def key(self) -> str:
@@ -45,16 +49,30 @@ class MethodOption:
             return None
         try:
             v = self.type(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"--{self.name} must be {self.type.__name__}, got {value!r}", self.help) from None
+        hi = self.upper
         bad = ((self.choices is not None and v not in self.choices)
+               or (self.type is float and not math.isfinite(v))
                or (self.min is not None and (v < self.min or (self.min_open and v == self.min)))
-               or (self.max is not None and v > self.max))
+               or (hi is not None and v > hi)
+               or (self.multiple_of is not None and v % self.multiple_of))
         if bad:
-            allowed = (", ".join(self.choices) if self.choices is not None else
-                       f"{'>' if self.min_open else '>='} {self.min}" + (f" and <= {self.max}" if self.max is not None else ""))
-            raise UserError(f"--{self.name} {value!r} is not allowed", f"use {allowed}")
+            raise UserError(f"--{self.name} {value!r} is not allowed", f"use {self.allowed()}")
         return v
+
+    @property
+    def upper(self) -> float | None:
+        """The declared max; every int is capped at INT32 (sizes and counts reach torch as int32/int64)."""
+        return min(self.max, INT32) if self.type is int and self.max is not None else INT32 if self.type is int else self.max
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            return ", ".join(self.choices)
+        parts = ([] if self.min is None else [f"{'>' if self.min_open else '>='} {self.min}"]) + \
+            ([] if self.upper is None else [f"<= {self.upper}"])
+        return ("a finite number " if self.type is float else "an integer " if self.type is int else "") + \
+            " and ".join(parts) + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
 
 
 @dataclass
@@ -118,6 +136,11 @@ class Method:
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Reject bad option values (paths, files) before any work; UserError with a fix."""
+
+    def validate(self, options: dict[str, Any], shape: ModelShape) -> None:
+        """Reject option values the MODEL cannot take (dictionary sizes vs its widths, block counts vs its
+        depth, ...): the build calls this right after config.json is read, before weights, calibration or
+        any compression work. `options` are already range-checked (MethodOption.check); UserError with a fix."""
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         raise NotImplementedError

@@ -158,14 +158,37 @@ def eos_ids_of(folders: list[Path], tokenizer: object) -> tuple[int, ...]:
     return (int(eos),) if eos is not None else ()
 
 
+def max_positions(folder: str | Path) -> int | None:
+    """The position table of the model a build folder holds (its config.json), None where unknown."""
+    import json
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("max_position_embeddings") or cfg.get("n_positions") if isinstance(cfg, dict) else None
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def check_new_tokens(folder: str | Path, max_new_tokens: int) -> None:
+    """--max-new-tokens against the model's positions (prompt tokens come on top)."""
+    pos = max_positions(folder)
+    if pos is not None and max_new_tokens >= pos:
+        raise UserError(f"--max-new-tokens {max_new_tokens} reaches the {pos} positions of the model in {folder}",
+                        f"pass --max-new-tokens < {pos} (the prompt's tokens count too)")
+
+
 def open_folder(path: str | Path, model_file: str = "model.onnx", threads: int = 0) -> ServedFolder:
     """Open a `deploy build` folder (or any folder with a with-past model.onnx and a tokenizer)."""
 
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"build folder not found: {p}", "pass the --out folder of a `deploy build` of a causal LM")
+    if Path(model_file).name != model_file or model_file in (".", ".."):
+        raise UserError(f"--model-file {model_file!r} is not a file name inside {p}",
+                        "pass the name of an ONNX file in the folder, e.g. --model-file model.int8.onnx")
     onnx_path = p / model_file
-    if not onnx_path.exists():
+    if not onnx_path.is_file():
         raise UserError(f"{p} has no {model_file}", "pass the --out folder of a finished `deploy build`")
     runner = OrtStepRunner(onnx_path, threads=threads)
     src = _source_folder(p)

@@ -1,0 +1,172 @@
+"""Every command-line value's allowed range, in one place (issue 23).
+
+Each option of every command gets one of these click types, so its range is checked while the
+command line is parsed, before any work, and the range is metadata that tests read back
+(tests/test_option_ranges.py walks `deploy`'s commands and tries values outside each range):
+
+- `Int(min, max)`: an integer within [min, max]; `max` always fits the library that receives it
+  (`INT32` for sizes, counts and lengths that become tensor dimensions or loop bounds, `SEED_MAX`
+  for seeds: numpy takes 0..2**32-1). A 30-digit integer is refused, never handed to torch.
+  `multiple_of` for sizes with a divisibility rule (SparseGPT blocks of 4 columns).
+- `Float(min, max, min_open, max_open)`: a finite number (NaN and +-inf refused) in the range.
+- `Text(nonempty=True)`: a string; the empty string is refused where it can mean nothing.
+- `InPath(kind)` / `OutPath(kind)`: a path the command reads (`file`, `dir`, `any`) or writes
+  (a folder); the checks themselves run where the path is used (models/checks.py, models/text.py,
+  outdir.py), these types only carry the role for the generated tests and refuse an empty string.
+
+A bad value is a `click.BadParameter`; cli._Group prints every usage error as one line
+`error: ... Fix: ...` with exit code 2 (`one_line`).
+
+Ranges that depend on the loaded model (sequence lengths vs its position table, ranks and
+dictionary sizes vs its widths, block counts) cannot be click types: they are `ModelLimit`s
+checked right after config.json is read and before any weight is loaded (config.check_model_limits,
+each method's `validate(options, shape)`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+INT32 = 2**31 - 1
+SEED_MAX = 2**32 - 1
+
+
+def _fmt(v: float | int) -> str:
+    return f"{v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def flag(param: click.Parameter | None) -> str:
+    """The option's longest spelling (`--calib-len`), or the argument's name."""
+    if param is None:
+        return "the value"
+    opts = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+    return max(opts, key=len) if opts else (param.name or "the value").upper()
+
+
+class Int(click.IntRange):
+    """An integer in [min, max] (max defaults to INT32), optionally a multiple of `multiple_of`."""
+
+    name = "integer"
+
+    def __init__(self, min: int | None = None, max: int | None = INT32, multiple_of: int | None = None) -> None:
+        super().__init__(min=min, max=INT32 if max is None else max)
+        self.multiple_of = multiple_of
+
+    def describe(self) -> str:
+        parts = ([] if self.min is None else [f">= {_fmt(self.min)}"]) + ([] if self.max is None else [f"<= {_fmt(self.max)}"])
+        return " and ".join(parts) + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, bool) or value is None:
+            return value
+        try:
+            v = value if isinstance(value, int) else int(str(value).strip(), 10)
+        except ValueError:
+            self.fail(f"{flag(param)} must be an integer {self.describe()}, got {value!r}", param, ctx)
+        if ((self.min is not None and v < self.min) or (self.max is not None and v > self.max)
+                or (self.multiple_of and v % self.multiple_of)):
+            self.fail(f"{flag(param)} must be {self.describe()}, got {_fmt(v)}", param, ctx)
+        return v
+
+    def _describe_range(self) -> str:
+        return self.describe()
+
+
+class Float(click.FloatRange):
+    """A finite float in the range (NaN and infinities refused, whatever click's comparisons do).
+    `phrase` replaces the generated wording of the range (e.g. 'between 0 and 1 (exclusive)')."""
+
+    name = "number"
+
+    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False,
+                 max_open: bool = False, phrase: str | None = None) -> None:
+        super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
+        self.phrase = phrase
+
+    def describe(self) -> str:
+        if self.phrase:
+            return self.phrase
+        parts = (([] if self.min is None else [f"{'>' if self.min_open else '>='} {_fmt(float(self.min))}"])
+                 + ([] if self.max is None else [f"{'<' if self.max_open else '<='} {_fmt(float(self.max))}"]))
+        return "a finite number" + ("" if not parts else " " + " and ".join(parts))
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None:
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
+            self.fail(f"{flag(param)} must be a number {self.describe()}, got {value!r}", param, ctx)
+        lo_bad = self.min is not None and (f < self.min or (self.min_open and f == self.min))
+        hi_bad = self.max is not None and (f > self.max or (self.max_open and f == self.max))
+        if not math.isfinite(f) or lo_bad or hi_bad:
+            self.fail(f"{flag(param)} must be {self.describe()}, got {f:g}", param, ctx)
+        return f
+
+    def _describe_range(self) -> str:
+        return self.describe()
+
+
+class Text(click.ParamType):
+    """A string; `nonempty` refuses '' (and whitespace only)."""
+
+    name = "text"
+
+    def __init__(self, nonempty: bool = True) -> None:
+        self.nonempty = nonempty
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self.nonempty and isinstance(value, str) and not value.strip():
+            self.fail(f"{flag(param)} may not be empty", param, ctx)
+        return value
+
+
+class InPath(Text):
+    """A path the command reads: kind 'file', 'dir' or 'any' (checked where it is read)."""
+
+    name = "path"
+
+    def __init__(self, kind: str = "any") -> None:
+        super().__init__(nonempty=True)
+        self.kind = kind
+
+
+class OutPath(Text):
+    """A folder the command writes (checked by outdir.check_out / the command before any work)."""
+
+    name = "folder"
+
+    def __init__(self) -> None:
+        super().__init__(nonempty=True)
+        self.kind = "dir"
+
+
+def one_line(e: click.UsageError) -> str:
+    """A click usage error (bad value, unknown option, missing argument) as `error: ... Fix: ...`."""
+    raw = e.message if isinstance(e, click.BadParameter) else ""
+    msg = " ".join((raw if raw.startswith(("--", flag(getattr(e, "param", None)))) else e.format_message()).split())
+    ctx = e.ctx
+    cmd = ctx.command_path if ctx is not None else "deploy"
+    param = getattr(e, "param", None)
+    fix = f"see `{cmd} --help`"
+    if param is not None and isinstance(param.type, (Int, Float)):
+        d = param.type.describe()
+        fix = f"pass {d if d.startswith('a ') else 'a value ' + d} ({fix})"
+    elif param is not None and isinstance(param.type, click.Choice):
+        fix = "use one of " + ", ".join(map(str, param.type.choices))
+    return f"error: {msg.rstrip('.')}. Fix: {fix}"
+
+
+class OneLineUsageError(click.UsageError):
+    """What cli._Group raises in place of a click UsageError: shown as one line, exit code 2."""
+
+    def __init__(self, original: click.UsageError) -> None:
+        super().__init__(original.format_message(), original.ctx)
+        self.line = one_line(original)
+        self.exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.line, err=True)
