@@ -12,6 +12,7 @@ from .attention import CHOICES as ATTENTION_CHOICES
 from .build import BuildConfig, run_build
 from .compress.base import MethodOption, all_methods, all_options, method_options
 from .compress.calibration import CalibrationConfig
+from .compress.quant import ALGOS
 from .engines.quantize import MODES as QUANTIZE_MODES
 from .engines.trt_module import BACKENDS
 from .errors import UserError, disk_full
@@ -130,8 +131,15 @@ def _op_lowering_options(f):
 @click.option("--format", "fmt", type=click.Choice(["onnx", "triton"]), default="onnx", show_default=True,
               help="triton: also write a Triton model repository into OUT/triton (see `deploy export-triton`)")
 @click.option("--quantize", type=click.Choice(list(QUANTIZE_MODES)), default="none", show_default=True,
-              help="int8: ONNX Runtime dynamic int8 of model.onnx (every constant-weight MatMul, factors included); "
-                   "export check and quality run on the int8 file")
+              help="w8/w4/w2: weight-only block quantization of every stored factor (low-rank factors, 2:4 values, "
+                   "dense linears; MatMulNBits for ONNX Runtime, QDQ for TensorRT), counted in the bytes; "
+                   "int8: ONNX Runtime dynamic int8 of model.onnx")
+@click.option("--quant-block", type=Int(16, 4096, power_of_two=True), default=32, show_default=True,
+              help="weight-only quantization: codes per scale along the reduction dim (power of two, 16..4096)")
+@click.option("--quant-asym", is_flag=True, help="weight-only: asymmetric codes with zero points (ONNX Runtime only)")
+@click.option("--quant-algo", type=click.Choice(list(ALGOS)), default="rtn", show_default=True,
+              help="weight-only: rtn (ONNX Runtime's own quantizer) or gptq (calibration output error)")
+@click.option("--quantize-head", is_flag=True, help="weight-only: also quantize the LM head (decoders)")
 @click.option("--batch", "trt_batch", type=Text(), default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", type=Text(), default="1:128:512", show_default=True,
               help="TensorRT profile sequence min:opt:max (max at most the model's position table)")
@@ -161,7 +169,7 @@ def _op_lowering_options(f):
 @_op_lowering_options
 @_method_options
 def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, calib_data, calib_cache, targets, no_eval, no_baseline,
-          quiet, backend, precision, sparse_weights, fmt, quantize, trt_batch, trt_seq, recover_steps, adapter,
+          quiet, backend, precision, sparse_weights, fmt, quantize, quant_block, quant_asym, quant_algo, quantize_head, trt_batch, trt_seq, recover_steps, adapter,
           adapter_rank, adapter_dense, recover_lr, recover_batch, recover_data, recover_samples, recover_temperature,
           recover_hidden_weight, recover_checkpoint, attention, attention_block, **method_opts):
     """Compress MODEL with METHOD, export ONNX, run passes, verify, and write OUT/report.md."""
@@ -176,7 +184,8 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
                       include=tuple(p.strip() for p in targets.split(",") if p.strip()),
                       evaluate=not no_eval, baseline=not no_baseline, backend=backend, precision=precision,
                       sparse_weights=sparse_weights, ort_lowering=ort_lowering, trt_batch=trt_batch, trt_seq=trt_seq,
-                      quantize=quantize, calib_cache=calib_cache, attention=attention, attention_block=attention_block,
+                      quantize=quantize, quant_block=quant_block, quant_sym=not quant_asym, quant_algo=quant_algo,
+                      quantize_head=quantize_head, calib_cache=calib_cache, attention=attention, attention_block=attention_block,
                       recovery=RecoveryConfig(steps=recover_steps, adapter=adapter, rank=adapter_rank, lr=recover_lr,
                                               batch=recover_batch, data=recover_data, checkpoint=recover_checkpoint,
                                               samples=recover_samples, seq_len=calib_len,
@@ -187,7 +196,7 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "
                f"export check {'passed' if r.fidelity.passed else 'FAILED'} (max abs {r.fidelity.max_abs:.2g})")
     q = r.quantize
-    if q:
+    if q and q.get("mode") == "int8":
         click.echo(f"int8 artifact: {q['bytes_before'] / 1e6:.1f} -> {q['bytes_after'] / 1e6:.1f} MB "
                    f"({q['matmuls_quantized']}/{q['matmuls_total']} MatMuls int8), check "
                    f"{'passed' if q['fidelity']['passed'] else 'FAILED'} (mean abs {q['fidelity']['mean_abs']:.2g} <= {q['fidelity']['atol']})")
@@ -203,7 +212,10 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
         from .serve.triton import write_repository
 
         echo_repository(res.out / "triton", write_repository(res.out, r.to_dict(), res.out / "triton"))
-    if not r.fidelity.passed or (q and not q["fidelity"]["passed"]):
+    elif q and q.get("mode") != "int8":
+        click.echo(f"weight-only {q['mode']}: {q['layers_quantized']} layers, block-linear bytes "
+                   f"{q['bytes_before'] / 1e6:.2f} -> {q['bytes_after'] / 1e6:.2f} MB; model.onnx {q['model_onnx_bytes'] / 1e6:.1f} MB")
+    if not r.fidelity.passed or (q and "fidelity" in q and not q["fidelity"]["passed"]):
         sys.exit(1)
 
 

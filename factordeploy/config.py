@@ -16,6 +16,8 @@ import torch
 from .attention import AttentionConfig, check_attention, default_block
 from .compress.base import get_method
 from .compress.calibration import CalibrationConfig
+from .compress.quant import ALGOS, TRT_BITS
+from .compress.quantize import WEIGHT_ONLY
 from .compress.targets import DEFAULT_EXCLUDE
 from .engines.quantize import check_mode
 from .engines.tensorrt import Range3
@@ -64,7 +66,11 @@ class BuildConfig:
     backend: str = "auto"
     precision: str = "fp32"
     sparse_weights: bool = False
-    quantize: str = "none"  # none | int8: ONNX Runtime dynamic int8 of model.onnx (engines/quantize.py)
+    quantize: str = "none"  # none | w8 | w4 | w2 (weight-only, every stored factor: compress/quantize.py) | int8 (ORT dynamic)
+    quant_block: int = 32  # codes per scale along K (weight-only and quant-lowrank)
+    quant_sym: bool = True  # symmetric codes (TensorRT takes symmetric only)
+    quant_algo: str = "rtn"  # rtn (ONNX Runtime's own quantizer, reproduced) | gptq (calibration output error)
+    quantize_head: bool = False  # also the LM head (decoders; a tied head gets its own codes)
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
     calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
@@ -103,6 +109,7 @@ def check_config(cfg: BuildConfig) -> None:
     check_recovery_config(cfg.recovery)
     check_policies(cfg.ort_lowering)
     check_mode(cfg.quantize)
+    check_quant_config(cfg)
     check_engine_config(cfg)
     check_attention(cfg.attention_config())
     if cfg.calib_cache:
@@ -143,6 +150,32 @@ def input_paths(cfg: BuildConfig) -> list[str]:
     paths += [v for k, v in cfg.options.items()  # checkpoint folders, data files (existing or to be written)
               if isinstance(v, str) and v and (Path(v).exists() or k.endswith(("checkpoint", "data", "dir", "file", "path")))]
     return paths
+
+
+def uses_quant_settings(cfg: BuildConfig) -> bool:
+    return cfg.quantize in WEIGHT_ONLY or cfg.method == "quant-lowrank"
+
+
+def check_quant_config(cfg: BuildConfig) -> None:
+    """--quant-block / --quant-asym / --quant-algo / --quantize-head, and what TensorRT can take, before any work."""
+    b = cfg.quant_block
+    if not isinstance(b, int) or b < 16 or b > 4096 or b & (b - 1):
+        raise UserError(f"--quant-block {b} is not supported",
+                        "use a power of two from 16 to 4096 (32 is ONNX Runtime's default; K is padded to whole blocks)")
+    if cfg.quant_algo not in ALGOS:
+        raise UserError(f"unknown --quant-algo '{cfg.quant_algo}'", "use " + " or ".join(ALGOS))
+    quant = uses_quant_settings(cfg)
+    if not quant and (cfg.quantize_head or not cfg.quant_sym or cfg.quant_algo != "rtn" or cfg.quant_block != 32):
+        raise UserError("--quant-block/--quant-asym/--quant-algo/--quantize-head apply to weight-only quantization",
+                        "add --quantize w8 or --quantize w4 (or use --method quant-lowrank)")
+    if cfg.backend in (FULL, RTX) and quant:
+        bits = WEIGHT_ONLY.get(cfg.quantize) or int(cfg.options.get("bits") or 4)
+        if bits not in TRT_BITS or (cfg.method == "quant-lowrank" and int(cfg.options.get("bits") or 4) not in TRT_BITS):
+            raise UserError(f"TensorRT's QDQ weights are 4 or 8 bits; {bits}-bit codes run on ONNX Runtime only",
+                            "use --quantize w4/w8 (--bits 4/8), or --backend ort")
+        if not cfg.quant_sym:
+            raise UserError("TensorRT's QDQ weights are symmetric (its parser refuses unsigned codes with zero points)",
+                            "drop --quant-asym, or use --backend ort")
 
 
 def check_engine_config(cfg: BuildConfig) -> None:

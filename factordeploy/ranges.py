@@ -7,7 +7,8 @@ command line is parsed, before any work, and the range is metadata that tests re
 - `Int(min, max)`: an integer within [min, max]; `max` always fits the library that receives it
   (`INT32` for sizes, counts and lengths that become tensor dimensions or loop bounds, `SEED_MAX`
   for seeds: numpy takes 0..2**32-1). A 30-digit integer is refused, never handed to torch.
-  `multiple_of` for sizes with a divisibility rule (SparseGPT blocks of 4 columns).
+  `multiple_of` for sizes with a divisibility rule (SparseGPT blocks of 4 columns), `power_of_two` for
+  block sizes (--quant-block).
 - `Float(min, max, min_open, max_open)`: a finite number (NaN and +-inf refused) in the range.
 - `Text(nonempty=True)`: a string; the empty string is refused where it can mean nothing.
 - `InPath(kind)` / `OutPath(kind)`: a path the command reads (`file`, `dir`, `any`) or writes
@@ -51,13 +52,20 @@ class Int(click.IntRange):
 
     name = "integer"
 
-    def __init__(self, min: int | None = None, max: int | None = INT32, multiple_of: int | None = None) -> None:
+    def __init__(self, min: int | None = None, max: int | None = INT32, multiple_of: int | None = None,
+                 power_of_two: bool = False) -> None:
         super().__init__(min=min, max=INT32 if max is None else max)
         self.multiple_of = multiple_of
+        self.power_of_two = power_of_two
 
     def describe(self) -> str:
         parts = ([] if self.min is None else [f">= {_fmt(self.min)}"]) + ([] if self.max is None else [f"<= {_fmt(self.max)}"])
-        return " and ".join(parts) + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
+        return ((", a power of two " if self.power_of_two else "") + " and ".join(parts)).lstrip(", ") \
+            + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
+
+    def ok(self, v: int) -> bool:
+        return not ((self.min is not None and v < self.min) or (self.max is not None and v > self.max)
+                    or (self.multiple_of and v % self.multiple_of) or (self.power_of_two and (v < 1 or v & (v - 1))))
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, bool) or value is None:
@@ -66,8 +74,7 @@ class Int(click.IntRange):
             v = value if isinstance(value, int) else int(str(value).strip(), 10)
         except ValueError:
             self.fail(f"{flag(param)} must be an integer {self.describe()}, got {value!r}", param, ctx)
-        if ((self.min is not None and v < self.min) or (self.max is not None and v > self.max)
-                or (self.multiple_of and v % self.multiple_of)):
+        if not self.ok(v):
             self.fail(f"{flag(param)} must be {self.describe()}, got {_fmt(v)}", param, ctx)
         return v
 

@@ -84,6 +84,9 @@ class CompressContext:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None  # compress.calibration.Calibration, built lazily by the build
+    # how quantized factors are stored (compress/quant.QuantSpec fields but bits): block, symmetric, algo, grid
+    quant: dict[str, Any] = field(default_factory=lambda: {"block": 32, "symmetric": True, "algo": "rtn",
+                                                           "grid": "signed"})
 
     def opt(self, key: str, default: Any = None) -> Any:
         v = self.options.get(key)

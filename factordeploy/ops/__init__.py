@@ -30,6 +30,7 @@ OP_PACKAGES = (
     "sparse_dict_matmul",
     "sparse_matmul",
     "combiner_attention",
+    "quant_matmul",
 )
 
 _OPS: dict[str, OpSpec] = {}
