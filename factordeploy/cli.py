@@ -75,11 +75,11 @@ def click_type(opt: MethodOption) -> Any:
         return click.Choice(list(opt.choices))
     if opt.type is int:
         return Int(min=None if opt.min is None else int(opt.min) + (1 if opt.min_open else 0), max=opt.upper,
-                   multiple_of=opt.multiple_of)
+                   multiple_of=opt.multiple_of, one_of=opt.one_of)
     if opt.type is float:
         return Float(min=opt.min, max=opt.max, min_open=opt.min_open)
     if opt.type is str:
-        return Text()
+        return OutPath() if opt.path == "out" else InPath() if opt.path == "in" else Text()
     return opt.type
 
 

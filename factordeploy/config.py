@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,6 +26,7 @@ from .errors import UserError
 from .models.shape import ModelShape
 from .models.text import read_text_input
 from .outdir import check_out, check_writable_folder
+from .ranges import NARROWEST, POSITIONS, ModelLimit
 from .passes.custom_ops import check_policies
 from .passes.precision import PRECISIONS
 from .recover.stage import RecoveryConfig, check_recovery_config
@@ -119,23 +120,27 @@ def check_config(cfg: BuildConfig) -> None:
     check_out(cfg.out, cfg.overwrite, input_paths(cfg))
 
 
+# The build's options whose upper bound depends on the model (methods declare theirs on MethodOption.limit):
+# flag -> (limit, the value in a BuildConfig). One table, read by check_model_limits and by the generated
+# tests (tests/test_option_ranges.py tries the first value past each bound on a tiny model).
+MODEL_LIMITS: dict[str, tuple[ModelLimit, Callable[["BuildConfig"], Any]]] = {
+    "--calib-len": (POSITIONS, lambda c: c.calib.length),
+    "--seq": (POSITIONS, lambda c: None if c.trt_seq == DEFAULT_SEQ else Range3.parse(c.trt_seq, "seq").max),
+    "--adapter-rank": (NARROWEST, lambda c: c.recovery.rank),
+    "--attention-block": (POSITIONS, lambda c: c.attention_block if c.attention != "full" else None),
+}
+
+
 def check_model_limits(cfg: BuildConfig, shape: ModelShape) -> None:
     """The option ranges that depend on the model, checked once its config.json is read and before any
-    weight is loaded (models.registry.load_model's on_config hook, from stages.load): sequence lengths vs
-    its position table, the adapter rank vs its widths, --attention-block, and the method's own
-    `validate(options, shape)` (dictionary sizes, block counts, ...)."""
+    weight is loaded (models.registry.load_model's on_config hook, from stages.load): MODEL_LIMITS (sequence
+    lengths vs its position table, the adapter rank vs its widths, the Combiner block), the Combiner
+    settings at the model's length, and the method's own `validate(options, shape)`."""
+    for flag, (limit, value) in MODEL_LIMITS.items():
+        shown = "--seq max" if flag == "--seq" else flag  # --seq is min:opt:max; its max is bounded
+        limit.check(shown, value(cfg), shape, fix=f"pass {shown} <= {limit.bound(shape)}" if flag != "--seq" else
+                    f"pass --seq with a max <= {limit.bound(shape)}, e.g. --seq 1:{min(32, limit.bound(shape))}:{limit.bound(shape)}")
     pos = shape.max_positions
-    if pos is not None and cfg.calib.length > pos:
-        raise UserError(f"--calib-len {cfg.calib.length} exceeds the {pos} positions of {shape.name}",
-                        f"pass --calib-len <= {pos}")
-    seq = Range3.parse(cfg.trt_seq, "seq")
-    if pos is not None and seq.max > pos and cfg.trt_seq != DEFAULT_SEQ:
-        raise UserError(f"--seq max {seq.max} exceeds the {pos} positions of {shape.name}",
-                        f"pass --seq with a max <= {pos}, e.g. --seq 1:{min(seq.opt, pos)}:{pos}")
-    narrow = min(shape.widths)
-    if cfg.recovery.rank > narrow:
-        raise UserError(f"--adapter-rank {cfg.recovery.rank} exceeds the narrowest linear width of {shape.name} ({narrow})",
-                        f"pass --adapter-rank <= {narrow}, e.g. 8")
     if cfg.attention != "full":
         a = cfg.attention_config()
         check_attention(AttentionConfig(a.kind, a.block, min(a.max_len, pos) if pos else a.max_len))

@@ -27,9 +27,12 @@ each method's `validate(options, shape)`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import click
+
+from .errors import UserError
 
 INT32 = 2**31 - 1
 SEED_MAX = 2**32 - 1
@@ -53,19 +56,23 @@ class Int(click.IntRange):
     name = "integer"
 
     def __init__(self, min: int | None = None, max: int | None = INT32, multiple_of: int | None = None,
-                 power_of_two: bool = False) -> None:
+                 power_of_two: bool = False, one_of: tuple[int, ...] | None = None) -> None:
         super().__init__(min=min, max=INT32 if max is None else max)
         self.multiple_of = multiple_of
         self.power_of_two = power_of_two
+        self.one_of = tuple(one_of) if one_of else None
 
     def describe(self) -> str:
+        if self.one_of:
+            return "one of " + ", ".join(map(str, self.one_of))
         parts = ([] if self.min is None else [f">= {_fmt(self.min)}"]) + ([] if self.max is None else [f"<= {_fmt(self.max)}"])
         return ((", a power of two " if self.power_of_two else "") + " and ".join(parts)).lstrip(", ") \
             + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
 
     def ok(self, v: int) -> bool:
         return not ((self.min is not None and v < self.min) or (self.max is not None and v > self.max)
-                    or (self.multiple_of and v % self.multiple_of) or (self.power_of_two and (v < 1 or v & (v - 1))))
+                    or (self.multiple_of and v % self.multiple_of) or (self.power_of_two and (v < 1 or v & (v - 1)))
+                    or (self.one_of is not None and v not in self.one_of))
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, bool) or value is None:
@@ -74,6 +81,8 @@ class Int(click.IntRange):
             v = value if isinstance(value, int) else int(str(value).strip(), 10)
         except ValueError:
             self.fail(f"{flag(param)} must be an integer {self.describe()}, got {value!r}", param, ctx)
+        if not self.ok(v) and self.one_of:
+            self.fail(f"{flag(param)} must be {self.describe()}, got {_fmt(v)}", param, ctx)
         if not self.ok(v):
             self.fail(f"{flag(param)} must be {self.describe()}, got {_fmt(v)}", param, ctx)
         return v
@@ -151,6 +160,30 @@ class OutPath(Text):
         self.kind = "dir"
 
 
+@dataclass(frozen=True)
+class ModelLimit:
+    """An upper bound of an option that depends on the model: `bound(shape)` (a models.shape.ModelShape,
+    read from config.json alone) is the largest value the model takes, None where it sets no bound.
+    Declared beside the option (MethodOption.limit, config.MODEL_LIMITS) and checked before any weight
+    is loaded; the generated tests read it to try the first value past it."""
+
+    what: str                                 # "positions", "the widest linear width", ...
+    bound: Callable[[Any], int | None]
+
+    def check(self, flag: str, value: Any, shape: Any, fix: str = "") -> None:
+        hi = self.bound(shape)
+        if value is None or hi is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value <= hi:
+            return
+        raise UserError(f"{flag} {_fmt(value)} exceeds {self.what} of {shape.name or 'the model'} ({_fmt(hi)})",
+                        fix or f"pass {flag} <= {_fmt(hi)}")
+
+
+POSITIONS = ModelLimit("the position table", lambda s: s.max_positions)
+WIDEST = ModelLimit("the widest linear width", lambda s: max(s.widths))
+NARROWEST = ModelLimit("the narrowest linear width", lambda s: min(s.widths))
+BLOCKS = ModelLimit("the number of blocks", lambda s: s.layers)
+
+
 def one_line(e: click.UsageError) -> str:
     """A click usage error (bad value, unknown option, missing argument) as `error: ... Fix: ...`."""
     raw = e.message if isinstance(e, click.BadParameter) else ""
@@ -161,7 +194,7 @@ def one_line(e: click.UsageError) -> str:
     fix = f"see `{cmd} --help`"
     if param is not None and isinstance(param.type, (Int, Float)):
         d = param.type.describe()
-        fix = f"pass {d if d.startswith('a ') else 'a value ' + d} ({fix})"
+        fix = f"pass {d if d.startswith(('a ', 'one of')) else 'a value ' + d} ({fix})"
     elif param is not None and isinstance(param.type, click.Choice):
         fix = "use one of " + ", ".join(map(str, param.type.choices))
     return f"error: {msg.rstrip('.')}. Fix: {fix}"

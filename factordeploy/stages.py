@@ -117,6 +117,8 @@ def load(s: BuildState) -> None:
     if not s.targets:
         raise UserError(f"model '{cfg.model}' has no nn.Linear layers matching the target patterns",
                         "pick a transformer with linear layers, or widen the target patterns")
+    # option rules on the targeted layers' exact shapes, before the original is evaluated or calibrated
+    get_method(cfg.method).validate_model(s.model, s.targets, dict(cfg.options))
     s.before = model_bytes(s.model)
     s.attention = s.cfg.attention_config(s.model)
     check_supported(s.model, s.attention)  # an unsupported --attention fails before any work

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.shape import ModelShape
-from ..ranges import INT32
+from ..ranges import INT32, ModelLimit
 from .layers import describe_layer, layer_bytes
 from .targets import get_module, set_module
 
@@ -26,8 +26,10 @@ from .targets import get_module, set_module
 class MethodOption:
     """A method-specific option: `--{name}` (dashes) on the CLI, ctx.options[name with underscores].
 
-    CLI-neutral: a Python type, optional allowed values (`choices`) and bounds; cli.py maps these to
-    click types, `check` validates library callers the same way."""
+    CLI-neutral: a Python type, optional allowed values (`choices` for strings, `one_of` for ints) and
+    bounds, and `limit`, the bound that depends on the model (a ranges.ModelLimit, checked by
+    `Method.validate` before any weight is loaded). This spec is the one place the option's range lives:
+    cli.py maps it to a ranges.py click type, `check` validates library callers the same way."""
 
     name: str
     type: type
@@ -38,6 +40,9 @@ class MethodOption:
     max: float | None = None
     min_open: bool = False
     multiple_of: int | None = None  # ints with a divisibility rule (e.g. SparseGPT blocks of 4 columns)
+    one_of: tuple[int, ...] | None = None  # ints from a fixed set (e.g. --bits 2/4/8)
+    limit: ModelLimit | None = None  # the model-dependent upper bound (dictionary size <= widest linear, ...)
+    path: str | None = None  # str options naming a path: "in" (read) or "out" (a folder written, e.g. a checkpoint)
 
     @property
     def key(self) -> str:
@@ -56,7 +61,8 @@ class MethodOption:
                or (self.type is float and not math.isfinite(v))
                or (self.min is not None and (v < self.min or (self.min_open and v == self.min)))
                or (hi is not None and v > hi)
-               or (self.multiple_of is not None and v % self.multiple_of))
+               or (self.multiple_of is not None and v % self.multiple_of)
+               or (self.one_of is not None and v not in self.one_of))
         if bad:
             raise UserError(f"--{self.name} {value!r} is not allowed", f"use {self.allowed()}")
         return v
@@ -69,6 +75,8 @@ class MethodOption:
     def allowed(self) -> str:
         if self.choices is not None:
             return ", ".join(self.choices)
+        if self.one_of is not None:
+            return ", ".join(map(str, self.one_of))
         parts = ([] if self.min is None else [f"{'>' if self.min_open else '>='} {self.min}"]) + \
             ([] if self.upper is None else [f"<= {self.upper}"])
         return ("a finite number " if self.type is float else "an integer " if self.type is int else "") + \
@@ -141,9 +149,17 @@ class Method:
         """Reject bad option values (paths, files) before any work; UserError with a fix."""
 
     def validate(self, options: dict[str, Any], shape: ModelShape) -> None:
-        """Reject option values the MODEL cannot take (dictionary sizes vs its widths, block counts vs its
-        depth, ...): the build calls this right after config.json is read, before weights, calibration or
-        any compression work. `options` are already range-checked (MethodOption.check); UserError with a fix."""
+        """Reject option values the MODEL cannot take: the build calls this right after config.json is read,
+        before weights, calibration or any compression work (config.check_model_limits). The default checks
+        every option's declared `limit` (dictionary sizes vs the widths, block counts vs the depth, ...);
+        a method with further rules extends it. `options` are already range-checked (MethodOption.check)."""
+        for o in self.options:
+            if o.limit is not None:
+                o.limit.check(f"--{o.name}", options.get(o.key), shape)
+
+    def validate_model(self, model: nn.Module, targets: list[str], options: dict[str, Any]) -> None:
+        """Rules that need the targeted layers themselves (their exact shapes): the build calls this once the
+        targets are found and before calibration (stages.load); UserError with a fix."""
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         raise NotImplementedError
