@@ -23,7 +23,7 @@ from .passes.precision import PRECISIONS
 from .pretrain import PretrainConfig, run_pretrain
 from .pretrain.arch import ARCHS, PRESETS
 from .progress import set_quiet
-from .ranges import INT32, SEED_MAX, Float, InPath, Int, OneLineUsageError, OutPath, Text
+from .ranges import SEED_MAX, Float, InPath, Int, OneLineUsageError, OutPath, Text, Triple
 from .recover.adapters import ADAPTERS
 from .recover.stage import RecoveryConfig
 from .serve.generate import SamplingConfig, check_new_tokens, open_folder
@@ -57,10 +57,19 @@ class _Group(click.Group):
             ctx.exit(e.exit_code)
         except Exception as e:
             full = disk_full(e)
+            if full is None and isinstance(e, OSError):  # the last net: an OS refusal on a path the user gave
+                full = os_error_line(e)
             if full is None:
                 raise
             click.echo(f"error: {full.message}", err=True)
             ctx.exit(2)
+
+
+def os_error_line(e: OSError) -> UserError:
+    """An OSError that no check caught, as one line naming the path (every known case has its own check)."""
+    where = " ".join(f"'{f}'" for f in (e.filename, getattr(e, "filename2", None)) if f is not None)
+    return UserError(f"cannot use {where or 'a path'}: {e.strerror or type(e).__name__}",
+                     "check the path names an existing, readable location (and, for outputs, a writable disk)")
 
 
 @click.group(cls=_Group)
@@ -140,8 +149,8 @@ def _op_lowering_options(f):
 @click.option("--quant-algo", type=click.Choice(list(ALGOS)), default="rtn", show_default=True,
               help="weight-only: rtn (ONNX Runtime's own quantizer) or gptq (calibration output error)")
 @click.option("--quantize-head", is_flag=True, help="weight-only: also quantize the LM head (decoders)")
-@click.option("--batch", "trt_batch", type=Text(), default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
-@click.option("--seq", "trt_seq", type=Text(), default="1:128:512", show_default=True,
+@click.option("--batch", "trt_batch", type=Triple(), default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
+@click.option("--seq", "trt_seq", type=Triple(), default="1:128:512", show_default=True,
               help="TensorRT profile sequence min:opt:max (max at most the model's position table)")
 @click.option("--recover-steps", type=Int(0), default=0, show_default=True,
               help="recovery training steps after compression (distillation from the original model); 0 = off")

@@ -12,7 +12,7 @@ import click
 
 from .errors import UserError
 from .outdir import check_writable_folder
-from .ranges import SEED_MAX, Float, InPath, Int, OutPath, Text
+from .ranges import SEED_MAX, Float, FloatList, InPath, Int, OutPath, Text
 
 
 @click.command("inspect")
@@ -113,7 +113,7 @@ def echo_repository(repo, manifest: dict) -> None:
 @click.command("sweep")
 @click.option("--model", type=InPath("dir"), default="minilm", show_default=True, help="registry name or local HF folder")
 @click.option("--methods", type=Text(), default="svd,svd-whiten,cospadi", show_default=True, help="comma-separated methods")
-@click.option("--ratios", type=Text(), default="0.35,0.5", show_default=True, help="comma-separated ratios")
+@click.option("--ratios", type=FloatList(Float(0.0, 1.0, min_open=True, max_open=True)), default="0.35,0.5", show_default=True, help="comma-separated ratios")
 @click.option("--out", type=OutPath(), required=True, help="sweep folder (re-running resumes: finished cells are kept)")
 @click.option("--seed", type=Int(0, SEED_MAX), default=0, show_default=True)
 @click.option("--calib", type=Int(1), default=128, show_default=True, help="calibration samples (shared by all cells)")

@@ -27,6 +27,7 @@ each method's `validate(options, shape)`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -116,11 +117,14 @@ class Float(click.FloatRange):
             f = float(value)
         except (TypeError, ValueError, OverflowError):
             self.fail(f"{flag(param)} must be a number {self.describe()}, got {value!r}", param, ctx)
-        lo_bad = self.min is not None and (f < self.min or (self.min_open and f == self.min))
-        hi_bad = self.max is not None and (f > self.max or (self.max_open and f == self.max))
-        if not math.isfinite(f) or lo_bad or hi_bad:
+        if not self.ok(f):
             self.fail(f"{flag(param)} must be {self.describe()}, got {f:g}", param, ctx)
         return f
+
+    def ok(self, f: float) -> bool:
+        lo_bad = self.min is not None and (f < self.min or (self.min_open and f == self.min))
+        hi_bad = self.max is not None and (f > self.max or (self.max_open and f == self.max))
+        return math.isfinite(f) and not lo_bad and not hi_bad
 
     def _describe_range(self) -> str:
         return self.describe()
@@ -140,7 +144,82 @@ class Text(click.ParamType):
         return value
 
 
-class InPath(Text):
+class Triple(Text):
+    """`min:opt:max` integers with lo <= min <= opt <= max <= hi (TensorRT profiles: --batch, --seq);
+    the text is kept as given (engines/tensorrt.Range3 parses it)."""
+
+    name = "min:opt:max"
+
+    def __init__(self, lo: int = 1, hi: int = INT32) -> None:
+        super().__init__(nonempty=True)
+        self.lo, self.hi = lo, hi
+
+    def describe(self) -> str:
+        return f"min:opt:max integers with {self.lo} <= min <= opt <= max <= {_fmt(self.hi)}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        value = super().convert(value, param, ctx)
+        if not isinstance(value, str):
+            return value
+        try:
+            a, b, c = (int(x.strip(), 10) for x in value.split(":"))
+        except ValueError:
+            self.fail(f"{flag(param)} must be {self.describe()}, got {value!r}", param, ctx)
+        if not self.lo <= a <= b <= c <= self.hi:
+            self.fail(f"{flag(param)} must be {self.describe()}, got {value!r}", param, ctx)
+        return value
+
+
+class FloatList(Text):
+    """A comma-separated list of numbers, each in `item`'s range (--ratios); the text is kept as given."""
+
+    name = "numbers"
+
+    def __init__(self, item: Float) -> None:
+        super().__init__(nonempty=True)
+        self.item = item
+
+    def describe(self) -> str:
+        return f"comma-separated numbers, each {self.item.describe()}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        value = super().convert(value, param, ctx)
+        if not isinstance(value, str):
+            return value
+        parts = [x.strip() for x in value.split(",")]
+        for x in parts:
+            try:
+                f = float(x)
+            except ValueError:
+                f = math.nan
+            if not x or not math.isfinite(f) or not self.item.ok(f):
+                self.fail(f"{flag(param)} must be {self.describe()}, got {value!r}", param, ctx)
+        return value
+
+
+NAME_MAX = 255    # bytes per path component (ext4, xfs, tmpfs, overlayfs)
+PATH_MAX = 4096   # bytes per path (Linux)
+
+
+class _PathText(Text):
+    """A path: not empty, no NUL byte, every component within NAME_MAX and the whole within PATH_MAX (so
+    no OS call made with it later fails with ENAMETOOLONG)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        value = super().convert(value, param, ctx)
+        if not isinstance(value, str):
+            return value
+        if "\0" in value:
+            self.fail(f"{flag(param)} contains a NUL byte", param, ctx)
+        raw = os.fsencode(value)
+        longest = max((len(c) for c in raw.split(b"/")), default=0)
+        if longest > NAME_MAX or len(raw) > PATH_MAX:
+            self.fail(f"{flag(param)} is too long for a path ({longest:,} bytes in one name, {len(raw):,} in all; "
+                      f"at most {NAME_MAX} and {PATH_MAX})", param, ctx)
+        return value
+
+
+class InPath(_PathText):
     """A path the command reads: kind 'file', 'dir' or 'any' (checked where it is read)."""
 
     name = "path"
@@ -150,7 +229,7 @@ class InPath(Text):
         self.kind = kind
 
 
-class OutPath(Text):
+class OutPath(_PathText):
     """A folder the command writes (checked by outdir.check_out / the command before any work)."""
 
     name = "folder"
@@ -192,7 +271,7 @@ def one_line(e: click.UsageError) -> str:
     cmd = ctx.command_path if ctx is not None else "deploy"
     param = getattr(e, "param", None)
     fix = f"see `{cmd} --help`"
-    if param is not None and isinstance(param.type, (Int, Float)):
+    if param is not None and isinstance(param.type, (Int, Float, Triple, FloatList)):
         d = param.type.describe()
         fix = f"pass {d if d.startswith(('a ', 'one of')) else 'a value ' + d} ({fix})"
     elif param is not None and isinstance(param.type, click.Choice):

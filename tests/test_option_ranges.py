@@ -27,11 +27,13 @@ from factordeploy.cli import main
 from factordeploy.compress.base import all_methods
 from factordeploy.config import MODEL_LIMITS
 from factordeploy.models.shape import ModelShape
-from factordeploy.ranges import Float, InPath, Int, OutPath, Text
+from factordeploy.ranges import Float, FloatList, InPath, Int, OutPath, Text, Triple
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-eval", "--no-baseline", "--backend", "ort", "--quiet"]
 HUGE = 2**70  # beyond int64: must be refused by the range, never handed to torch/numpy
+LONG = "n" * 300  # one path component past NAME_MAX (ENAMETOOLONG if it reached the OS)
+DEEP = "/".join(["d" * 200] * 25)  # past PATH_MAX
 
 # placeholders resolved per test (they need the test's folders)
 MISSING, FILE, DIR, UNDER_FILE, PROC, SYS, DEVNULL = ("<missing>", "<file>", "<dir>", "<under-file>", "<proc>",
@@ -81,10 +83,15 @@ def bad_values(t: click.ParamType) -> list[object]:
             if t.max_open:
                 vals.append(t.max)
         return vals
+    if isinstance(t, Triple):
+        return ["", "1:2", "1:2:3:4", "a:b:c", f"{t.lo - 1}:{t.lo}:{t.lo}", "8:1:32", "1:8:4", f"1:8:{t.hi + 1}",
+                f"1:8:{HUGE}", "nan:1:2", "1.5:2:3"]
+    if isinstance(t, FloatList):
+        return ["", ",", "0.5,", "nan", "0.5,inf", "x", *(str(v) for v in bad_values(t.item) if v != "")]
     if isinstance(t, OutPath):
-        return ["", "   ", FILE, UNDER_FILE, PROC, SYS]
+        return ["", "   ", FILE, UNDER_FILE, PROC, SYS, LONG, DEEP]
     if isinstance(t, InPath):
-        vals = ["", "   ", MISSING, PROC + "/no-such-entry"]
+        vals = ["", "   ", MISSING, PROC + "/no-such-entry", LONG, DEEP]
         vals += {"dir": [FILE, DEVNULL], "file": [DIR, DEVNULL]}.get(t.kind, [])
         return vals
     if isinstance(t, Text):
@@ -266,6 +273,37 @@ def test_past_the_model_limit_on_generate_and_sweep(world):
                     ["--max-new-tokens"])
     # sweep: the cells' --calib-len past the model's 256 positions, before --out is created
     expect_one_line([*base_args(("sweep",), world), "--calib-len", "257"], world, ["--calib-len"])
+
+
+@pytest.mark.parametrize("step,errno_", [("lock", 13), ("recover", 30), ("tmp", 30), ("marker", 5), ("swap", 18),
+                                         ("parents", 13)])
+def test_every_os_error_of_the_out_transaction_is_one_named_line(step, errno_, tmp_path, monkeypatch):
+    """Lock, leftovers of a dead build, temporary sibling, marker, swap, parent folders: an OSError at any of
+    them is a UserError naming --out, the path and a fix, and nothing is left behind."""
+    from factordeploy import outdir
+    from factordeploy.errors import UserError
+
+    def boom(*a, **k):
+        raise OSError(errno_, os.strerror(errno_))
+
+    out = tmp_path / "parent" / "out"
+    if step != "parents":
+        out.parent.mkdir()
+    target = {"lock": (outdir.OutLock, "acquire"), "recover": (outdir, "_recover"), "marker": (outdir, "write_marker"),
+              "swap": (outdir, "_swap_in"), "parents": (Path, "mkdir")}.get(step)
+    if step == "tmp":
+        real = Path.mkdir
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: boom() if ".tmp-" in self.name else real(self, *a, **k))
+    else:
+        monkeypatch.setattr(*target, boom)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError) as e:
+        with outdir.out_transaction(out):
+            pass
+    msg = e.value.message
+    assert "\n" not in msg and f"--out {out}" in msg and ". Fix: " in msg and os.strerror(errno_) in msg, msg
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
 
 
 def test_group_level_usage_errors(world):
