@@ -23,7 +23,7 @@ from .passes.precision import PRECISIONS
 from .pretrain import PretrainConfig, run_pretrain
 from .pretrain.arch import ARCHS, PRESETS
 from .progress import set_quiet
-from .ranges import SEED_MAX, Float, InPath, Int, OneLineUsageError, OutPath, Text, Triple
+from .ranges import Choice, DEVICE, SEED_MAX, Float, InPath, Int, OneLineUsageError, OutPath, Text, Triple
 from .recover.adapters import ADAPTERS
 from .recover.stage import RecoveryConfig
 from .serve.generate import SamplingConfig, check_new_tokens, open_folder
@@ -81,7 +81,7 @@ def main() -> None:
 def click_type(opt: MethodOption) -> Any:
     """A CLI-neutral method option as a click type (choices, ranges)."""
     if opt.choices is not None:
-        return click.Choice(list(opt.choices))
+        return Choice(list(opt.choices))
     if opt.type is int:
         return Int(min=None if opt.min is None else int(opt.min) + (1 if opt.min_open else 0), max=opt.upper,
                    multiple_of=opt.multiple_of, one_of=opt.one_of)
@@ -104,7 +104,7 @@ def _op_lowering_options(f):
     for spec in all_ops().values():
         if spec.ort_flag:
             names = ", ".join(f"{lw.name} ({lw.doc})" for lw in spec.lowerings)
-            f = click.option(f"--{spec.ort_flag}", f"ort_op_{spec.name}", type=click.Choice(list(spec.policies())),
+            f = click.option(f"--{spec.ort_flag}", f"ort_op_{spec.name}", type=Choice(list(spec.policies())),
                              default=spec.default_policy(), show_default=True,
                              help=f"how model.onnx (ONNX Runtime) runs {spec.name} nodes: cost = cheapest per layer by "
                                   f"the op's cost model, {spec.body_name} = standard-op body (compressed form kept)"
@@ -120,7 +120,7 @@ def _op_lowering_options(f):
 @click.option("--out", type=OutPath(), default=None, help="output folder [default: build/<model>-<method>]")
 @click.option("--overwrite", is_flag=True,
               help="replace an existing --out that deploy did not write (a folder deploy wrote is replaced anyway)")
-@click.option("--device", type=Text(), default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--seed", type=Int(0, SEED_MAX), default=0, show_default=True)
 @click.option("--calib", type=Int(1), default=128, show_default=True, help="calibration samples")
 @click.option("--calib-len", type=Int(8), default=128, show_default=True,
@@ -132,21 +132,21 @@ def _op_lowering_options(f):
 @click.option("--no-eval", is_flag=True, help="skip the task-quality evaluation")
 @click.option("--no-baseline", is_flag=True, help="skip the original-model ONNX (no latency comparison)")
 @click.option("--quiet", is_flag=True, help="no progress output")
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default="auto", show_default=True,
+@click.option("--backend", type=Choice(list(BACKENDS)), default="auto", show_default=True,
               help="engine: TensorRT, TensorRT-RTX, or ONNX Runtime only; auto = a TensorRT that can run on this GPU, else ORT")
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+@click.option("--precision", type=Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="compute precision of the TensorRT graph (model.onnx stays fp32)")
 @click.option("--sparse-weights", is_flag=True, help="let TensorRT use 2:4 sparse kernels (SPARSE_WEIGHTS)")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "triton"]), default="onnx", show_default=True,
+@click.option("--format", "fmt", type=Choice(["onnx", "triton"]), default="onnx", show_default=True,
               help="triton: also write a Triton model repository into OUT/triton (see `deploy export-triton`)")
-@click.option("--quantize", type=click.Choice(list(QUANTIZE_MODES)), default="none", show_default=True,
+@click.option("--quantize", type=Choice(list(QUANTIZE_MODES)), default="none", show_default=True,
               help="w8/w4/w2: weight-only block quantization of every stored factor (low-rank factors, 2:4 values, "
                    "dense linears; MatMulNBits for ONNX Runtime, QDQ for TensorRT), counted in the bytes; "
                    "int8: ONNX Runtime dynamic int8 of model.onnx")
 @click.option("--quant-block", type=Int(16, 4096, power_of_two=True), default=32, show_default=True,
               help="weight-only quantization: codes per scale along the reduction dim (power of two, 16..4096)")
 @click.option("--quant-asym", is_flag=True, help="weight-only: asymmetric codes with zero points (ONNX Runtime only)")
-@click.option("--quant-algo", type=click.Choice(list(ALGOS)), default="rtn", show_default=True,
+@click.option("--quant-algo", type=Choice(list(ALGOS)), default="rtn", show_default=True,
               help="weight-only: rtn (ONNX Runtime's own quantizer) or gptq (calibration output error)")
 @click.option("--quantize-head", is_flag=True, help="weight-only: also quantize the LM head (decoders)")
 @click.option("--batch", "trt_batch", type=Triple(), default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
@@ -154,7 +154,7 @@ def _op_lowering_options(f):
               help="TensorRT profile sequence min:opt:max (max at most the model's position table)")
 @click.option("--recover-steps", type=Int(0), default=0, show_default=True,
               help="recovery training steps after compression (distillation from the original model); 0 = off")
-@click.option("--adapter", type=click.Choice(list(ADAPTERS)), default="lora", show_default=True,
+@click.option("--adapter", type=Choice(list(ADAPTERS)), default="lora", show_default=True,
               help="what recovery trains: adapters merged into every factor before export, or none = the factors themselves")
 @click.option("--adapter-rank", type=Int(1), default=8, show_default=True, help="adapter rank (at most the model's narrowest linear width)")
 @click.option("--adapter-dense", is_flag=True, help="also adapt linears left dense (never the LM head)")
@@ -171,7 +171,7 @@ def _op_lowering_options(f):
               help="decoders: weight of a last-hidden-state distillation term beside the next-token KL")
 @click.option("--recover-checkpoint", type=OutPath(), default=None,
               help="folder for the resumable recovery checkpoint; rerunning the same command resumes from it")
-@click.option("--attention", default="full", show_default=True, type=click.Choice(list(ATTENTION_CHOICES)),
+@click.option("--attention", default="full", show_default=True, type=Choice(list(ATTENTION_CHOICES)),
               help="replace every self-attention core with Combiner structured attention (sub-quadratic)")
 @click.option("--attention-block", type=Int(0), default=0,
               help="Combiner block (local window) size [default: about sqrt of the --seq opt length]")
@@ -280,9 +280,9 @@ def models() -> None:
 
 
 @main.command()
-@click.option("--arch", type=click.Choice(list(ARCHS)), default="llama", show_default=True, help="architecture family (llama)")
-@click.option("--params", "size", type=click.Choice(list(PRESETS)), default="20M", show_default=True, help="model size preset: tiny, 20M, 60M")
-@click.option("--param", "param", type=click.Choice(["dense", "lowrank", "sltrain", "lost"]), default="dense",
+@click.option("--arch", type=Choice(list(ARCHS)), default="llama", show_default=True, help="architecture family (llama)")
+@click.option("--params", "size", type=Choice(list(PRESETS)), default="20M", show_default=True, help="model size preset: tiny, 20M, 60M")
+@click.option("--param", "param", type=Choice(["dense", "lowrank", "sltrain", "lost"]), default="dense",
               show_default=True, help="weight parametrisation of the attention/MLP linears")
 @click.option("--tokens", type=Int(1), default=200_000, show_default=True, help="training tokens")
 @click.option("--out", type=OutPath(), required=True, help="folder for the trained Hugging Face model (must not exist or be empty)")
@@ -299,7 +299,7 @@ def models() -> None:
               help="held-out windows per domain (wiki, news, pydoc)")
 @click.option("--eval-every", type=Int(0), default=0, help="steps between held-out evaluations (0: ~8 per run)")
 @click.option("--checkpoint", type=OutPath(), default=None, help="folder for the loop's checkpoint; rerunning resumes from it")
-@click.option("--device", type=Text(), default="cpu", show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--seed", type=Int(0, SEED_MAX), default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
 def pretrain(arch, size, param, tokens, out, seq_len, batch, lr, rank, alpha, delta, gamma, eval_windows, eval_every,

@@ -12,7 +12,7 @@ import click
 
 from .errors import UserError
 from .outdir import check_writable_folder
-from .ranges import SEED_MAX, Float, FloatList, InPath, Int, OutPath, Text
+from .ranges import Choice, SEED_MAX, Float, FloatList, InPath, Int, OutPath, Text
 
 
 @click.command("inspect")
@@ -31,7 +31,7 @@ def inspect_cmd(folder: str, as_json: bool) -> None:
 
 @click.command("verify")
 @click.argument("folder", type=InPath("dir"))
-@click.option("--domain", type=click.Choice(["wiki", "news", "pydoc"]), default="wiki", show_default=True,
+@click.option("--domain", type=Choice(["wiki", "news", "pydoc"]), default="wiki", show_default=True,
               help="text to check on: wiki (held-out, in domain), news or pydoc (out of domain)")
 @click.option("--seed", type=Int(0, SEED_MAX), default=1, show_default=True, help="which inputs to draw (the build used its own)")
 @click.option("--samples", type=Int(1, 100_000), default=None, help="sentences (encoders, default 128) or windows (decoders, default 4)")
@@ -68,7 +68,7 @@ def verify_cmd(folder, domain, seed, samples, tolerance, min_cosine, max_ppl_rat
 @click.command("export-triton")
 @click.argument("folder", type=InPath("dir"))
 @click.option("--out", type=OutPath(), default=None, help="repository folder [default: FOLDER/triton]")
-@click.option("--name", type=Text(), default=None, help="Triton model name [default: <model>_<method>_r<ratio>]")
+@click.option("--name", type=Text(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", what="a Triton model name (letters, digits, _ . -; not starting with . or -)"), default=None, help="Triton model name [default: <model>_<method>_r<ratio>]")
 @click.option("--max-batch", type=Int(0), default=32, show_default=True, help="max_batch_size (0: no batching)")
 def export_triton_cmd(folder: str, out: str | None, name: str | None, max_batch: int) -> None:
     """Write a Triton Inference Server model repository from a build FOLDER (validated with Triton's schema)."""
@@ -118,7 +118,7 @@ def echo_repository(repo, manifest: dict) -> None:
 @click.option("--seed", type=Int(0, SEED_MAX), default=0, show_default=True)
 @click.option("--calib", type=Int(1), default=128, show_default=True, help="calibration samples (shared by all cells)")
 @click.option("--calib-len", type=Int(8), default=128, show_default=True, help="tokens per calibration sample")
-@click.option("--backend", type=click.Choice(["auto", "trt", "trt-rtx", "ort"]), default="ort", show_default=True)
+@click.option("--backend", type=Choice(["auto", "trt", "trt-rtx", "ort"]), default="ort", show_default=True)
 @click.option("--quiet", is_flag=True, help="no progress output")
 def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, backend, quiet) -> None:
     """Build every METHOD x RATIO cell of MODEL; write a table (Markdown + JSON) and Pareto plots (PNG)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -131,17 +132,34 @@ class Float(click.FloatRange):
 
 
 class Text(click.ParamType):
-    """A string; `nonempty` refuses '' (and whitespace only)."""
+    """A string; `nonempty` refuses '' (and whitespace only); `pattern` (a regular expression the whole
+    value must match, described by `what`) for names with a syntax (--device, a Triton model name)."""
 
     name = "text"
 
-    def __init__(self, nonempty: bool = True) -> None:
+    def __init__(self, nonempty: bool = True, pattern: str | None = None, what: str = "", bad: str = "") -> None:
         self.nonempty = nonempty
+        self.pattern, self.what = pattern, what
+        self.bad = bad or "{flag} must be {what}, got {value!r}"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if self.nonempty and isinstance(value, str) and not value.strip():
             self.fail(f"{flag(param)} may not be empty", param, ctx)
+        if self.pattern and isinstance(value, str) and not re.fullmatch(self.pattern, value):
+            self.fail(self.bad.format(flag=flag(param), what=self.what, value=value), param, ctx)
         return value
+
+
+class Choice(click.Choice):
+    """One of a fixed list of names (`unknown --flag 'x'` otherwise, the list in the fix)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value in self.choices:
+            return value
+        self.fail(f"unknown {flag(param)} {value!r}", param, ctx)
+
+
+DEVICE = Text(pattern=r"cpu|cuda(:[0-9]{1,3})?", what="cpu, cuda or cuda:N", bad="unknown device {value!r} ({flag})")
 
 
 class Triple(Text):
@@ -266,14 +284,16 @@ BLOCKS = ModelLimit("the number of blocks", lambda s: s.layers)
 def one_line(e: click.UsageError) -> str:
     """A click usage error (bad value, unknown option, missing argument) as `error: ... Fix: ...`."""
     raw = e.message if isinstance(e, click.BadParameter) else ""
-    msg = " ".join((raw if raw.startswith(("--", flag(getattr(e, "param", None)))) else e.format_message()).split())
+    msg = " ".join((raw if raw and flag(getattr(e, "param", None)) in raw else e.format_message()).split())
     ctx = e.ctx
     cmd = ctx.command_path if ctx is not None else "deploy"
     param = getattr(e, "param", None)
     fix = f"see `{cmd} --help`"
     if param is not None and isinstance(param.type, (Int, Float, Triple, FloatList)):
         d = param.type.describe()
-        fix = f"pass {d if d.startswith(('a ', 'one of')) else 'a value ' + d} ({fix})"
+        fix = f"pass {d if d.startswith(('a ', 'one of', 'min:', 'comma')) else 'a value ' + d} ({fix})"
+    elif param is not None and isinstance(param.type, Text) and param.type.pattern:
+        fix = f"pass {param.type.what} ({fix})"
     elif param is not None and isinstance(param.type, click.Choice):
         fix = "use one of " + ", ".join(map(str, param.type.choices))
     return f"error: {msg.rstrip('.')}. Fix: {fix}"

@@ -95,7 +95,7 @@ def bad_values(t: click.ParamType) -> list[object]:
         vals += {"dir": [FILE, DEVNULL], "file": [DIR, DEVNULL]}.get(t.kind, [])
         return vals
     if isinstance(t, Text):
-        return ["", "   "]
+        return ["", "   "] + (["no/such thing", "../up", "-x", "x" * 300] if t.pattern else [])
     if isinstance(t, click.Choice):
         return ["", "no-such-choice", "NaN"]
     raise AssertionError(f"{t!r} is not a ranges.py type or a click.Choice: its range is not declared")
