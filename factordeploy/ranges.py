@@ -8,12 +8,16 @@ command line is parsed, before any work, and the range is metadata that tests re
   (`INT32` for sizes, counts and lengths that become tensor dimensions or loop bounds, `SEED_MAX`
   for seeds: numpy takes 0..2**32-1). A 30-digit integer is refused, never handed to torch.
   `multiple_of` for sizes with a divisibility rule (SparseGPT blocks of 4 columns), `power_of_two` for
-  block sizes (--quant-block).
+  block sizes (--quant-block), `one_of` for a fixed set (--bits 2/4/8).
 - `Float(min, max, min_open, max_open)`: a finite number (NaN and +-inf refused) in the range.
-- `Text(nonempty=True)`: a string; the empty string is refused where it can mean nothing.
-- `InPath(kind)` / `OutPath(kind)`: a path the command reads (`file`, `dir`, `any`) or writes
-  (a folder); the checks themselves run where the path is used (models/checks.py, models/text.py,
-  outdir.py), these types only carry the role for the generated tests and refuse an empty string.
+- `Text(nonempty=True, pattern=)`: a string; the empty string is refused where it can mean nothing;
+  `pattern` for names with a syntax (`DEVICE`, a Triton model name).
+- `Choice(names)`: one of a fixed list (`unknown --flag 'x'`, the list in the fix).
+- `Triple(lo, hi)`: `min:opt:max` integers (TensorRT profiles); `FloatList(Float)`: `--ratios`.
+- `InPath(kind)` / `OutPath()`: a path the command reads (`file`, `dir`, `any`) or writes (a folder):
+  not empty, no NUL, every name within NAME_MAX and the whole within PATH_MAX (so no OS call fails
+  with ENAMETOOLONG); what exists there is checked where the path is used (models/checks.py,
+  models/text.py, outdir.check_out / check_writable_folder), before any work.
 
 A bad value is a `click.BadParameter`; cli._Group prints every usage error as one line
 `error: ... Fix: ...` with exit code 2 (`one_line`).

@@ -89,7 +89,7 @@ def bad_values(t: click.ParamType) -> list[object]:
     if isinstance(t, FloatList):
         return ["", ",", "0.5,", "nan", "0.5,inf", "x", *(str(v) for v in bad_values(t.item) if v != "")]
     if isinstance(t, OutPath):
-        return ["", "   ", FILE, UNDER_FILE, PROC, SYS, LONG, DEEP]
+        return ["", "   ", FILE, UNDER_FILE, DEVNULL, PROC, SYS, LONG, DEEP]
     if isinstance(t, InPath):
         vals = ["", "   ", MISSING, PROC + "/no-such-entry", LONG, DEEP]
         vals += {"dir": [FILE, DEVNULL], "file": [DIR, DEVNULL]}.get(t.kind, [])
