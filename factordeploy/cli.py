@@ -250,6 +250,7 @@ def generate(folder, prompts, max_new_tokens, sample, temperature, top_p, seed, 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
                          seed=seed, eos_ids=served.eos_ids, ignore_eos=ignore_eos)
     cfg.check()
+    served.check_prompts(prompts, max_new_tokens)
     for prompt in prompts:
         g = served.generate(prompt, cfg)
         if as_json:

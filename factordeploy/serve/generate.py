@@ -122,8 +122,19 @@ class ServedFolder:
     runner: StepRunner
     tokenizer: object
     eos_ids: tuple[int, ...]
+    positions: int | None = None  # the model's position table (config.json), None where unknown
+
+    def check_prompts(self, prompts: list[str] | tuple[str, ...], max_new_tokens: int) -> None:
+        """Every prompt plus --max-new-tokens within the model's positions, before the first is generated."""
+        for prompt in prompts:
+            n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if self.positions is not None and n + max_new_tokens > self.positions:
+                raise UserError(f"a prompt's {n} tokens plus --max-new-tokens {max_new_tokens} exceed the "
+                                f"{self.positions} positions of the model in {self.path}",
+                                f"shorten the prompt or pass --max-new-tokens <= {max(self.positions - n, 1)}")
 
     def generate(self, prompt: str, cfg: SamplingConfig) -> Generation:
+        self.check_prompts([prompt], cfg.max_new_tokens)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         g = generate_ids(self.runner, list(ids), cfg)
         g.text = self.tokenizer.decode(g.new_ids, skip_special_tokens=True)
@@ -198,4 +209,4 @@ def open_folder(path: str | Path, model_file: str = "model.onnx", threads: int =
                         "copy the model's tokenizer files into the folder")
     _quiet_transformers()
     tok = load_tokenizer(str(tok_dir))
-    return ServedFolder(p, runner, tok, eos_ids_of([d for d in (p, src) if d is not None], tok))
+    return ServedFolder(p, runner, tok, eos_ids_of([d for d in (p, src) if d is not None], tok), max_positions(p))
