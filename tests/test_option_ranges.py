@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
 import click
@@ -59,8 +60,22 @@ def checked_params(cmd: click.Command) -> list[click.Parameter]:
     return opts + [p for p in cmd.params if isinstance(p, click.Argument)]
 
 
+RNG = random.Random(23)  # seeded draws beyond each bound (hypothesis is not a dependency of this project)
+
+
+def drawn_beyond(lo: float | None, hi: float | None, integer: bool, n: int = 3) -> list[object]:
+    out: list[object] = []
+    for _ in range(n):
+        span = 10 ** RNG.randint(0, 25)
+        if lo is not None:
+            out.append(lo - (RNG.randint(1, span) if integer else RNG.uniform(1e-6, span)))
+        if hi is not None:
+            out.append(hi + (RNG.randint(1, span) if integer else RNG.uniform(1e-6, span)))
+    return out
+
+
 def bad_values(t: click.ParamType) -> list[object]:
-    """Values outside the type's range, from the type's own metadata."""
+    """Values outside the type's range, from the type's own metadata (plus seeded draws beyond each bound)."""
     if isinstance(t, Int):
         vals: list[object] = [HUGE, -HUGE, str(HUGE * 1000), "nan", "", "1.5", "ten"]
         vals += [v for v in (0, -1) if not t.ok(v)]
@@ -71,7 +86,7 @@ def bad_values(t: click.ParamType) -> list[object]:
         lo = t.min if t.min is not None else 0
         if t.multiple_of or t.power_of_two or t.one_of:  # the first in-bounds value that breaks the rule
             vals.append(next(v for v in range(lo, lo + 10_000) if not t.ok(v)))
-        return vals
+        return vals + drawn_beyond(t.min, t.max, True)
     if isinstance(t, Float):
         vals = ["nan", "NaN", "inf", "-inf", "1e400", "", "abc"]
         if t.min is not None:
@@ -82,7 +97,7 @@ def bad_values(t: click.ParamType) -> list[object]:
             vals.append(t.max + 1.0)
             if t.max_open:
                 vals.append(t.max)
-        return vals
+        return vals + drawn_beyond(t.min, t.max, False)
     if isinstance(t, Triple):
         return ["", "1:2", "1:2:3:4", "a:b:c", f"{t.lo - 1}:{t.lo}:{t.lo}", "8:1:32", "1:8:4", f"1:8:{t.hi + 1}",
                 f"1:8:{HUGE}", "nan:1:2", "1.5:2:3"]
