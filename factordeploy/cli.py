@@ -148,7 +148,7 @@ def _op_lowering_options(f):
 @click.option("--quant-asym", is_flag=True, help="weight-only: asymmetric codes with zero points (ONNX Runtime only)")
 @click.option("--quant-algo", type=Choice(list(ALGOS)), default="rtn", show_default=True,
               help="weight-only: rtn (ONNX Runtime's own quantizer) or gptq (calibration output error)")
-@click.option("--quantize-head", is_flag=True, help="weight-only: also quantize the LM head (decoders)")
+@click.option("--quantize-head", is_flag=True, help="weight-only: also store the LM head (at the --quantize bits) and the token-embedding table (int8 per row) quantized")
 @click.option("--batch", "trt_batch", type=Triple(), default="1:8:32", show_default=True, help="TensorRT profile batch min:opt:max")
 @click.option("--seq", "trt_seq", type=Triple(), default="1:128:512", show_default=True,
               help="TensorRT profile sequence min:opt:max (max at most the model's position table)")
@@ -221,9 +221,11 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
         from .serve.triton import write_repository
 
         echo_repository(res.out / "triton", write_repository(res.out, r.to_dict(), res.out / "triton"))
-    elif q and q.get("mode") != "int8":
+    elif q and "layers_quantized" in q:
         click.echo(f"weight-only {q['mode']}: {q['layers_quantized']} layers, block-linear bytes "
-                   f"{q['bytes_before'] / 1e6:.2f} -> {q['bytes_after'] / 1e6:.2f} MB; model.onnx {q['model_onnx_bytes'] / 1e6:.1f} MB")
+                   f"{q['bytes_before'] / 1e6:.2f} -> {q['bytes_after'] / 1e6:.2f} MB; "
+                   + (f"embedding table {q['embedding']['bytes_before'] / 1e6:.1f} -> {q['embedding']['bytes_after'] / 1e6:.1f} MB (int8 per row); "
+                      if q.get("embedding") else "") + f"model.onnx {q.get('model_onnx_bytes', 0) / 1e6:.1f} MB")
     if not r.fidelity.passed or (q and "fidelity" in q and not q["fidelity"]["passed"]):
         sys.exit(1)
 

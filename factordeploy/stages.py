@@ -355,7 +355,9 @@ def verify_export(s: BuildState) -> None:
     s.report.fidelity = FidelityReport(**asdict(c), feeds=[{k: list(v.shape) for k, v in f.items()} for f in s.feeds])
     if not c.passed:
         log(f"WARNING: export fidelity check FAILED (max abs {c.max_abs:.3g} > atol {atol})")
-    if checked == exact and s.report.quantize is not None:
+    if checked == exact:  # weight-only codes in the graph (--quantize w8|w4|w2, or a method's own, e.g. quant-lowrank)
+        if s.report.quantize is None:
+            s.report.quantize = {"mode": s.cfg.quantize, "note": f"quantized factors stored by --method {s.cfg.method}"}
         with stage("verify deployed weight-only artifact (int8 activations, mean error)", s.timings):
             d = compare_torch_onnx(plan.fn, str(s.artifacts["model"]), plan.feeds, plan.input_names, plan.output_names,
                                    atol=int8_tolerance(s.loaded), rtol=0.0, device=s.cfg.device, error_stat="mean")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import quant_matmul, sparse_dict_matmul, sparse_matmul
+from ..ops import quant_gather, quant_matmul, sparse_dict_matmul, sparse_matmul
 from ..ops.export import emit
 from .linalg import balance_factors
 from .quant import QuantizedMatrix, QuantSpec, quant_bytes
@@ -215,6 +215,8 @@ def stored_model_bytes(model: nn.Module) -> int:
         if isinstance(m, FactorizedLinear):
             total += m.stored_bytes() + (tensor_bytes(m.bias) if m.bias is not None else 0)
             seen.update(id(p) for p in m.parameters())
+        elif isinstance(m, QuantEmbedding):
+            total += m.stored_bytes()
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
@@ -745,3 +747,45 @@ class QuantLowRankLinear(FactorizedLinear):
     def describe(self) -> dict:
         return ({"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank}
                 | self.quant_facts())
+
+
+class QuantEmbedding(nn.Module):
+    """A token-embedding table stored as int8 codes with one fp32 scale per row (symmetric, absmax/127).
+
+    `--quantize-head` stores it so (the table is a third of a small decoder's bytes and most of an
+    encoder's file). forward: codes[ids] * scale[ids]; the file holds the codes (one node of
+    ops/quant_gather under export: dequantize-then-gather for TensorRT, gather-then-dequantize for
+    ONNX Runtime). Rows are looked up, never multiplied: per-row int8 moves each entry by at most
+    half a step (1/254 of the row's largest entry). A tied LM head keeps its own weight (quantized, if at all, as a DenseLinear).
+    """
+
+    kind = "quant_embedding"
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        W = weight.detach().to(torch.float32)
+        scale = W.abs().amax(1, keepdim=True) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.register_buffer("codes", torch.round(W / scale).clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(weight.dtype).contiguous())
+        self.num_embeddings, self.embedding_dim = W.shape
+        self.padding_idx = padding_idx
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (what every lookup returns)."""
+        return self.codes.to(self.scale.dtype) * self.scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return emit(quant_gather.SPEC, (self.codes, self.scale, ids.to(torch.int64)))
+        return self.codes[ids].to(self.scale.dtype) * self.scale[ids]
+
+    def stored_bytes(self) -> int:
+        return tensor_bytes(self.codes) + tensor_bytes(self.scale)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "rows": self.num_embeddings, "dim": self.embedding_dim, "quant": {"table": "int8 per row"}}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"

@@ -4,7 +4,8 @@ Quantization is a property of each stored factor (compress/quant.py), so this wa
 graph nodes: each factorized layer quantizes its `matmul_factors` (low-rank A and B, 2:4 values,
 DSFormer's D and S, LOST's blocks, quant-lowrank's correction), every nn.Linear inside the blocks that
 a method left dense (or that was not targeted) becomes a `DenseLinear` with quantized weights, and
-with `head=True` the LM head too (a tied head gets its own codes; the embedding table stays as it is).
+with `head=True` the LM head too (a tied head gets its own codes) and the token-embedding table
+(int8 per row, layers.QuantEmbedding: a lookup table, not a MatMul).
 Sparse-dictionary layers keep their dictionary and codes in fp32: their custom op reads D whole
 (refolded or gathered), so there is no per-factor MatMul to quantize; the report lists them.
 
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .layers import DenseLinear, FactorizedLinear, layer_bytes
+from .layers import DenseLinear, FactorizedLinear, QuantEmbedding, layer_bytes, tensor_bytes
 from .quant import QuantSpec
 from .targets import DEFAULT_EXCLUDE, find_targets, get_module, set_module
 
@@ -41,6 +42,7 @@ class QuantizeSummary:
     layers: list[QuantizeLayer] = field(default_factory=list)
     kept_fp32: list[str] = field(default_factory=list)  # layers with no matrix to quantize (sparse dictionary)
     head: str | None = None
+    embedding: dict | None = None  # {"name", "bytes_before", "bytes_after"} when the table was quantized
 
     @property
     def bytes_before(self) -> int:
@@ -51,7 +53,7 @@ class QuantizeSummary:
         return sum(x.bytes_after for x in self.layers)
 
     def as_dict(self) -> dict:
-        return {"spec": self.spec, "head": self.head, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+        return {"spec": self.spec, "head": self.head, "embedding": self.embedding, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
                 "layers_quantized": sum(1 for x in self.layers if x.factors), "kept_fp32": self.kept_fp32,
                 "layers": [asdict(x) for x in self.layers]}
 
@@ -65,6 +67,31 @@ def head_name(model: nn.Module) -> str | None:
     if head is None:
         return None
     return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def embedding_name(model: nn.Module) -> str | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(emb, nn.Embedding):
+        return None
+    return next((n for n, m in model.named_modules() if m is emb), None)
+
+
+@torch.no_grad()
+def quantize_embedding(model: nn.Module) -> dict | None:
+    """Store the token-embedding table as int8 per row (QuantEmbedding); a tied head keeps its weight."""
+    name = embedding_name(model)
+    if name is None:
+        return None
+    emb = get_module(model, name)
+    new = QuantEmbedding(emb.weight, emb.padding_idx).to(emb.weight.device)
+    head = head_name(model)
+    if head is not None and get_module(model, head).weight is emb.weight:  # untie: the head keeps its own copy
+        h = get_module(model, head)
+        h.weight = nn.Parameter(emb.weight.detach().clone())
+        if hasattr(model, "config"):
+            model.config.tie_word_embeddings = False
+    set_module(model, name, new)
+    return {"name": name, "bytes_before": tensor_bytes(emb.weight), "bytes_after": new.stored_bytes()}
 
 
 def block_linears(model: nn.Module, targets: list[str]) -> list[str]:
@@ -85,6 +112,8 @@ def quantize_model(model: nn.Module, targets: list[str], spec: QuantSpec, head: 
     if hname is not None:
         names.append(hname)
         summary.head = hname
+    if head:
+        summary.embedding = quantize_embedding(model)
     for name in names:
         m = get_module(model, name)
         before = layer_bytes(m)

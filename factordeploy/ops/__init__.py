@@ -31,6 +31,7 @@ OP_PACKAGES = (
     "sparse_matmul",
     "combiner_attention",
     "quant_matmul",
+    "quant_gather",
 )
 
 _OPS: dict[str, OpSpec] = {}
