@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,11 +23,16 @@ from .engines.quantize import check_mode
 from .engines.tensorrt import Range3
 from .engines.trt_module import BACKENDS, FULL, RTX, require
 from .errors import UserError
+from .models.shape import ModelShape
 from .models.text import read_text_input
-from .outdir import check_out
+from .outdir import check_out, check_writable_folder
+from .ranges import NARROWEST, POSITIONS, ModelLimit
 from .passes.custom_ops import check_policies
 from .passes.precision import PRECISIONS
 from .recover.stage import RecoveryConfig, check_recovery_config
+
+
+DEFAULT_SEQ = "1:128:512"
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class BuildConfig:
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
     calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
-    trt_seq: str = "1:128:512"
+    trt_seq: str = DEFAULT_SEQ  # a --seq max beyond the model's positions is refused unless it is this default
     # structured attention (attention/): full | combiner-fixed | combiner-logsparse | combiner-axial
     attention: str = "full"
     attention_block: int = 0  # 0 = about sqrt of the --seq opt length
@@ -109,9 +114,38 @@ def check_config(cfg: BuildConfig) -> None:
     check_quant_config(cfg)
     check_engine_config(cfg)
     check_attention(cfg.attention_config())
+    if cfg.calib_cache:
+        check_writable_folder(cfg.calib_cache, "--calib-cache")
     if cfg.calib.text_file is not None:
         read_text_input(cfg.calib.text_file, "--calib-data")
     check_out(cfg.out, cfg.overwrite, input_paths(cfg))
+
+
+# The build's options whose upper bound depends on the model (methods declare theirs on MethodOption.limit):
+# flag -> (limit, the value in a BuildConfig). One table, read by check_model_limits and by the generated
+# tests (tests/test_option_ranges.py tries the first value past each bound on a tiny model).
+MODEL_LIMITS: dict[str, tuple[ModelLimit, Callable[["BuildConfig"], Any]]] = {
+    "--calib-len": (POSITIONS, lambda c: c.calib.length),
+    "--seq": (POSITIONS, lambda c: None if c.trt_seq == DEFAULT_SEQ else Range3.parse(c.trt_seq, "seq").max),
+    "--adapter-rank": (NARROWEST, lambda c: c.recovery.rank),
+    "--attention-block": (POSITIONS, lambda c: c.attention_block if c.attention != "full" else None),
+}
+
+
+def check_model_limits(cfg: BuildConfig, shape: ModelShape) -> None:
+    """The option ranges that depend on the model, checked once its config.json is read and before any
+    weight is loaded (models.registry.load_model's on_config hook, from stages.load): MODEL_LIMITS (sequence
+    lengths vs its position table, the adapter rank vs its widths, the Combiner block), the Combiner
+    settings at the model's length, and the method's own `validate(options, shape)`."""
+    for flag, (limit, value) in MODEL_LIMITS.items():
+        shown = "--seq max" if flag == "--seq" else flag  # --seq is min:opt:max; its max is bounded
+        limit.check(shown, value(cfg), shape, fix=f"pass {shown} <= {limit.bound(shape)}" if flag != "--seq" else
+                    f"pass --seq with a max <= {limit.bound(shape)}, e.g. --seq 1:{min(32, limit.bound(shape))}:{limit.bound(shape)}")
+    pos = shape.max_positions
+    if cfg.attention != "full":
+        a = cfg.attention_config()
+        check_attention(AttentionConfig(a.kind, a.block, min(a.max_len, pos) if pos else a.max_len))
+    get_method(cfg.method).validate(dict(cfg.options), shape)
 
 
 def input_paths(cfg: BuildConfig) -> list[str]:

@@ -32,7 +32,7 @@ from .compress.layers import FactorizedLinear, layer_bytes, stored_model_bytes
 from .compress.quant import QuantSpec
 from .compress.quantize import WEIGHT_ONLY, apply_pending, block_linears, embedding_name, quantize_model, spec_for
 from .compress.targets import find_targets
-from .config import BuildConfig
+from .config import BuildConfig, check_model_limits
 from .engines import ort as ortmod
 from .engines.ort_model import OrtModel
 from .engines.quantize import exact_nbits_copy, quantize_int8
@@ -112,16 +112,17 @@ def load(s: BuildState) -> None:
     cfg = s.cfg
     torch.manual_seed(cfg.seed)
     with stage("load model", s.timings):
-        s.loaded = load_model(cfg.model)
+        s.loaded = load_model(cfg.model, on_config=lambda shape: check_model_limits(cfg, shape))
         s.loaded.model.to(cfg.device)
     s.targets = find_targets(s.model, cfg.include, cfg.exclude)
     if not s.targets:
         raise UserError(f"model '{cfg.model}' has no nn.Linear layers matching the target patterns",
                         "pick a transformer with linear layers, or widen the target patterns")
+    # option rules on the targeted layers' exact shapes, before the original is evaluated or calibrated
+    get_method(cfg.method).validate_model(s.model, s.targets, dict(cfg.options))
     s.before = model_bytes(s.model)
     s.attention = s.cfg.attention_config(s.model)
     check_supported(s.model, s.attention)  # an unsupported --attention fails before any work
-    get_method(cfg.method).validate_model(s.model, s.targets, cfg.options)  # shape rules before calibration
     check_embedding_quant(s.model, cfg)
     s.report.model = {"name": s.loaded.name, "kind": s.loaded.kind, "source": s.loaded.source}
 

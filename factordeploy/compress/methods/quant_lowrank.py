@@ -21,21 +21,22 @@ from torch import nn
 
 from ...errors import UserError
 from ...progress import track
+from ...ranges import WIDEST
 from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
 from ..layers import DenseLinear, QuantLowRankLinear, balance_factors
 from ..linalg import gram_factor, whitened_svd
 from ..quant import QuantizedMatrix, QuantSpec, quant_bytes
 
-BITS = MethodOption("bits", int, 4, "bits of the quantized residual", choices=None, min=2, max=8)
-RANK = MethodOption("rank", int, 0, "rank of the low-rank correction (0: from --lowrank-bytes)", min=0)
+ALLOWED_BITS = (2, 4, 8)
+BITS = MethodOption("bits", int, 4, "bits of the quantized residual", min=2, max=8, one_of=ALLOWED_BITS)
+RANK = MethodOption("rank", int, 0, "rank of the low-rank correction (0: from --lowrank-bytes)", min=0, limit=WIDEST)
 LR_BYTES = MethodOption("lowrank-bytes", float, 0.02,
                         "bytes of the correction as a fraction of the layer's fp32 bytes (when --rank is 0)",
                         min=0.0, max=1.0)
 LR_BITS = MethodOption("lowrank-bits", int, 8, "storage of the correction factors: 8 (block-quantized) or 32 (fp32)",
-                       min=8, max=32)
+                       min=8, max=32, one_of=(8, 32))
 ROUNDS = MethodOption("rounds", int, 4, "alternations between quantizing the residual and refitting the correction",
                       min=1, max=64)
-ALLOWED_BITS = (2, 4, 8)
 
 
 def output_err(W: torch.Tensor, W_hat: torch.Tensor, L: torch.Tensor) -> float:
@@ -105,7 +106,9 @@ class QuantLowRankMethod(Method):
                             "use --lowrank-bits 8 (block-quantized correction) or 32 (fp32)")
 
     def validate_model(self, model: nn.Module, targets: list[str], options: dict) -> None:
-        """A --rank above a targeted layer's smaller dimension is a one-line error before calibration."""
+        """A --rank above a targeted layer's smaller dimension is a one-line error before calibration (the
+        build calls this once the targets are known; --rank above every width is refused even earlier, by
+        RANK.limit before any weight is loaded)."""
         r = int(options.get("rank") or 0)
         if r:
             for n in targets:
