@@ -26,6 +26,7 @@ STAGES: tuple[st.Stage, ...] = (
     st.compress,         # the method replaces the targeted linears; sizes, per-layer records
     st.attention,        # --attention combiner-*: each self-attention core becomes Combiner
     st.recovery,         # --recover-steps: distil toward the original, merge adapters into the factors
+    st.quantize_weights,  # --quantize w8|w4|w2: every stored factor block-quantized (and pending corrections)
     st.evaluate,         # quality of the compressed model vs the original's reference
     st.export,           # torch -> raw ONNX (custom ops as custom-domain nodes)
     st.ort_graph,        # passes -> model.onnx (standard ops, custom ops lowered)

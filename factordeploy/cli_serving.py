@@ -11,10 +11,12 @@ import sys
 import click
 
 from .errors import UserError
+from .outdir import check_writable_folder
+from .ranges import Choice, SEED_MAX, Float, FloatList, InPath, Int, OutPath, Text
 
 
 @click.command("inspect")
-@click.argument("folder", type=click.Path())
+@click.argument("folder", type=InPath("dir"))
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def inspect_cmd(folder: str, as_json: bool) -> None:
     """Summarize one build FOLDER: layers, bytes, ranks, files and the checks it ran."""
@@ -28,16 +30,16 @@ def inspect_cmd(folder: str, as_json: bool) -> None:
 
 
 @click.command("verify")
-@click.argument("folder", type=click.Path())
-@click.option("--domain", type=click.Choice(["wiki", "news", "pydoc"]), default="wiki", show_default=True,
+@click.argument("folder", type=InPath("dir"))
+@click.option("--domain", type=Choice(["wiki", "news", "pydoc"]), default="wiki", show_default=True,
               help="text to check on: wiki (held-out, in domain), news or pydoc (out of domain)")
-@click.option("--seed", type=int, default=1, show_default=True, help="which inputs to draw (the build used its own)")
-@click.option("--samples", type=int, default=None, help="sentences (encoders, default 128) or windows (decoders, default 4)")
-@click.option("--tolerance", type=float, default=0.05, show_default=True,
+@click.option("--seed", type=Int(0, SEED_MAX), default=1, show_default=True, help="which inputs to draw (the build used its own)")
+@click.option("--samples", type=Int(1, 100_000), default=None, help="sentences (encoders, default 128) or windows (decoders, default 4)")
+@click.option("--tolerance", type=Float(0.0), default=0.05, show_default=True,
               help="allowed drop against the build's recorded quality (cosine) / relative perplexity-ratio rise")
-@click.option("--min-cosine", type=float, default=None, help="encoders: fixed threshold instead of the recorded figure")
-@click.option("--max-ppl-ratio", type=float, default=None, help="decoders: fixed threshold instead of the recorded figure")
-@click.option("--original", default=None, help="the original model (registry name or folder) if the report's source moved")
+@click.option("--min-cosine", type=Float(-1.0, 1.0), default=None, help="encoders: fixed threshold instead of the recorded figure")
+@click.option("--max-ppl-ratio", type=Float(0.0, min_open=True), default=None, help="decoders: fixed threshold instead of the recorded figure")
+@click.option("--original", type=InPath("dir"), default=None, help="the original model (registry name or folder) if the report's source moved")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--quiet", is_flag=True, help="no progress output")
 def verify_cmd(folder, domain, seed, samples, tolerance, min_cosine, max_ppl_ratio, original, as_json, quiet) -> None:
@@ -50,6 +52,8 @@ def verify_cmd(folder, domain, seed, samples, tolerance, min_cosine, max_ppl_rat
     set_quiet(quiet)
     if samples is not None and samples < 1:
         raise UserError("--samples must be >= 1", "pass e.g. --samples 64")
+    if original is not None:
+        check_model_name(original, "--original")
     bf = open_build_folder(folder)
     kind = bf.report["model"]["kind"]
     sample = DomainSample(domain=domain, seed=seed)
@@ -62,10 +66,10 @@ def verify_cmd(folder, domain, seed, samples, tolerance, min_cosine, max_ppl_rat
 
 
 @click.command("export-triton")
-@click.argument("folder", type=click.Path())
-@click.option("--out", default=None, help="repository folder [default: FOLDER/triton]")
-@click.option("--name", default=None, help="Triton model name [default: <model>_<method>_r<ratio>]")
-@click.option("--max-batch", type=int, default=32, show_default=True, help="max_batch_size (0: no batching)")
+@click.argument("folder", type=InPath("dir"))
+@click.option("--out", type=OutPath(), default=None, help="repository folder [default: FOLDER/triton]")
+@click.option("--name", type=Text(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", what="a Triton model name (letters, digits, _ . -; not starting with . or -)"), default=None, help="Triton model name [default: <model>_<method>_r<ratio>]")
+@click.option("--max-batch", type=Int(0), default=32, show_default=True, help="max_batch_size (0: no batching)")
 def export_triton_cmd(folder: str, out: str | None, name: str | None, max_batch: int) -> None:
     """Write a Triton Inference Server model repository from a build FOLDER (validated with Triton's schema)."""
     from pathlib import Path
@@ -75,9 +79,27 @@ def export_triton_cmd(folder: str, out: str | None, name: str | None, max_batch:
 
     if max_batch < 0:
         raise UserError("--max-batch must be >= 0", "pass e.g. --max-batch 32, or 0 for no batching")
+    if out:
+        check_writable_folder(out, "--out")
     bf = open_build_folder(folder)
     repo = Path(out) if out else bf.path / "triton"
     echo_repository(repo, write_repository(bf.path, bf.report, repo, name=name, max_batch=max_batch))
+
+
+def check_model_name(name: str, flag: str) -> None:
+    """A registry name or an existing model folder, before any work (the folder's contents are checked on load)."""
+    from pathlib import Path
+
+    from .models.registry import REGISTRY
+
+    if name in REGISTRY:
+        return
+    p = Path(name)
+    if p.is_file():
+        raise UserError(f"{flag} {name} is a file", "pass the model folder that holds config.json, or a registry name")
+    if not p.is_dir():
+        raise UserError(f"{flag} {name}: no such model folder or registry name",
+                        f"pass a local Hugging Face folder or one of {', '.join(REGISTRY)}")
 
 
 def echo_repository(repo, manifest: dict) -> None:
@@ -89,14 +111,14 @@ def echo_repository(repo, manifest: dict) -> None:
 
 
 @click.command("sweep")
-@click.option("--model", default="minilm", show_default=True, help="registry name or local HF folder")
-@click.option("--methods", default="svd,svd-whiten,cospadi", show_default=True, help="comma-separated methods")
-@click.option("--ratios", default="0.35,0.5", show_default=True, help="comma-separated ratios")
-@click.option("--out", required=True, help="sweep folder (re-running resumes: finished cells are kept)")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--calib", type=int, default=128, show_default=True, help="calibration samples (shared by all cells)")
-@click.option("--calib-len", type=int, default=128, show_default=True, help="tokens per calibration sample")
-@click.option("--backend", type=click.Choice(["auto", "trt", "trt-rtx", "ort"]), default="ort", show_default=True)
+@click.option("--model", type=InPath("dir"), default="minilm", show_default=True, help="registry name or local HF folder")
+@click.option("--methods", type=Text(), default="svd,svd-whiten,cospadi", show_default=True, help="comma-separated methods")
+@click.option("--ratios", type=FloatList(Float(0.0, 1.0, min_open=True, max_open=True)), default="0.35,0.5", show_default=True, help="comma-separated ratios")
+@click.option("--out", type=OutPath(), required=True, help="sweep folder (re-running resumes: finished cells are kept)")
+@click.option("--seed", type=Int(0, SEED_MAX), default=0, show_default=True)
+@click.option("--calib", type=Int(1), default=128, show_default=True, help="calibration samples (shared by all cells)")
+@click.option("--calib-len", type=Int(8), default=128, show_default=True, help="tokens per calibration sample")
+@click.option("--backend", type=Choice(["auto", "trt", "trt-rtx", "ort"]), default="ort", show_default=True)
 @click.option("--quiet", is_flag=True, help="no progress output")
 def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, backend, quiet) -> None:
     """Build every METHOD x RATIO cell of MODEL; write a table (Markdown + JSON) and Pareto plots (PNG)."""
@@ -105,6 +127,8 @@ def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, backend, quie
     from .sweep import SweepConfig, run_sweep
 
     set_quiet(quiet)
+    check_model_name(model, "--model")
+    check_writable_folder(out, "--out")
     try:
         rs = tuple(float(r) for r in ratios.split(",") if r.strip())
     except ValueError as e:

@@ -9,24 +9,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .attention import AttentionConfig, check_attention, default_block
 from .compress.base import get_method
 from .compress.calibration import CalibrationConfig
+from .compress.quant import ALGOS, TRT_BITS
+from .compress.quantize import WEIGHT_ONLY
 from .compress.targets import DEFAULT_EXCLUDE
 from .engines.quantize import check_mode
 from .engines.tensorrt import Range3
 from .engines.trt_module import BACKENDS, FULL, RTX, require
 from .errors import UserError
+from .models.shape import ModelShape
 from .models.text import read_text_input
-from .outdir import check_out
+from .outdir import check_out, check_writable_folder
+from .ranges import NARROWEST, POSITIONS, ModelLimit
 from .passes.custom_ops import check_policies
 from .passes.precision import PRECISIONS
 from .recover.stage import RecoveryConfig, check_recovery_config
 from .recover.blockwise import BlockwiseConfig, check_blockwise
+
+
+DEFAULT_SEQ = "1:128:512"
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,16 @@ class BuildConfig:
     backend: str = "auto"
     precision: str = "fp32"
     sparse_weights: bool = False
-    quantize: str = "none"  # none | int8: ONNX Runtime dynamic int8 of model.onnx (engines/quantize.py)
+    quantize: str = "none"  # none | w8 | w4 | w2 (weight-only, every stored factor: compress/quantize.py) | int8 (ORT dynamic)
+    quant_block: int = 32  # codes per scale along K (weight-only and quant-lowrank)
+    quant_sym: bool = True  # symmetric codes (TensorRT takes symmetric only)
+    quant_algo: str = "rtn"  # rtn (ONNX Runtime's own quantizer, reproduced) | gptq (calibration output error)
+    quantize_head: bool = False  # also the LM head (a tied head gets its own codes) and the token-embedding table
+    embedding_bits: int = 8  # the table's codes with quantize_head: 8 (one scale per row) or 4 (quant_block blocks)
     ort_lowering: dict[str, str] = field(default_factory=dict)  # op name -> ORT lowering policy (--ort-sparse-dict ...)
     calib_cache: str | None = None  # folder of calibration statistics shared by builds of one model (deploy sweep)
     trt_batch: str = "1:8:32"
-    trt_seq: str = "1:128:512"
+    trt_seq: str = DEFAULT_SEQ  # a --seq max beyond the model's positions is refused unless it is this default
     # structured attention (attention/): full | combiner-fixed | combiner-logsparse | combiner-axial
     attention: str = "full"
     attention_block: int = 0  # 0 = about sqrt of the --seq opt length
@@ -102,11 +114,41 @@ def check_config(cfg: BuildConfig) -> None:
     check_recovery_config(cfg.recovery)
     check_policies(cfg.ort_lowering)
     check_mode(cfg.quantize)
+    check_quant_config(cfg)
     check_engine_config(cfg)
     check_attention(cfg.attention_config())
+    if cfg.calib_cache:
+        check_writable_folder(cfg.calib_cache, "--calib-cache")
     if cfg.calib.text_file is not None:
         read_text_input(cfg.calib.text_file, "--calib-data")
     check_out(cfg.out, cfg.overwrite, input_paths(cfg))
+
+
+# The build's options whose upper bound depends on the model (methods declare theirs on MethodOption.limit):
+# flag -> (limit, the value in a BuildConfig). One table, read by check_model_limits and by the generated
+# tests (tests/test_option_ranges.py tries the first value past each bound on a tiny model).
+MODEL_LIMITS: dict[str, tuple[ModelLimit, Callable[["BuildConfig"], Any]]] = {
+    "--calib-len": (POSITIONS, lambda c: c.calib.length),
+    "--seq": (POSITIONS, lambda c: None if c.trt_seq == DEFAULT_SEQ else Range3.parse(c.trt_seq, "seq").max),
+    "--adapter-rank": (NARROWEST, lambda c: c.recovery.rank),
+    "--attention-block": (POSITIONS, lambda c: c.attention_block if c.attention != "full" else None),
+}
+
+
+def check_model_limits(cfg: BuildConfig, shape: ModelShape) -> None:
+    """The option ranges that depend on the model, checked once its config.json is read and before any
+    weight is loaded (models.registry.load_model's on_config hook, from stages.load): MODEL_LIMITS (sequence
+    lengths vs its position table, the adapter rank vs its widths, the Combiner block), the Combiner
+    settings at the model's length, and the method's own `validate(options, shape)`."""
+    for flag, (limit, value) in MODEL_LIMITS.items():
+        shown = "--seq max" if flag == "--seq" else flag  # --seq is min:opt:max; its max is bounded
+        limit.check(shown, value(cfg), shape, fix=f"pass {shown} <= {limit.bound(shape)}" if flag != "--seq" else
+                    f"pass --seq with a max <= {limit.bound(shape)}, e.g. --seq 1:{min(32, limit.bound(shape))}:{limit.bound(shape)}")
+    pos = shape.max_positions
+    if cfg.attention != "full":
+        a = cfg.attention_config()
+        check_attention(AttentionConfig(a.kind, a.block, min(a.max_len, pos) if pos else a.max_len))
+    get_method(cfg.method).validate(dict(cfg.options), shape)
 
 
 def input_paths(cfg: BuildConfig) -> list[str]:
@@ -117,6 +159,35 @@ def input_paths(cfg: BuildConfig) -> list[str]:
     paths += [v for k, v in cfg.options.items()  # checkpoint folders, data files (existing or to be written)
               if isinstance(v, str) and v and (Path(v).exists() or k.endswith(("checkpoint", "data", "dir", "file", "path")))]
     return paths
+
+
+def uses_quant_settings(cfg: BuildConfig) -> bool:
+    return cfg.quantize in WEIGHT_ONLY or cfg.method == "quant-lowrank"
+
+
+def check_quant_config(cfg: BuildConfig) -> None:
+    """--quant-block / --quant-asym / --quant-algo / --quantize-head, and what TensorRT can take, before any work."""
+    b = cfg.quant_block
+    if not isinstance(b, int) or b < 16 or b > 4096 or b & (b - 1):
+        raise UserError(f"--quant-block {b} is not supported",
+                        "use a power of two from 16 to 4096 (32 is ONNX Runtime's default; K is padded to whole blocks)")
+    if cfg.quant_algo not in ALGOS:
+        raise UserError(f"unknown --quant-algo '{cfg.quant_algo}'", "use " + " or ".join(ALGOS))
+    quant = uses_quant_settings(cfg)
+    if not quant and (cfg.quantize_head or not cfg.quant_sym or cfg.quant_algo != "rtn" or cfg.quant_block != 32):
+        raise UserError("--quant-block/--quant-asym/--quant-algo/--quantize-head apply to weight-only quantization",
+                        "add --quantize w8 or --quantize w4 (or use --method quant-lowrank)")
+    if cfg.embedding_bits not in (4, 8) or (cfg.embedding_bits != 8 and not cfg.quantize_head):
+        raise UserError(f"--embedding-bits {cfg.embedding_bits} needs --quantize-head (the table is stored at 8 or 4 bits)",
+                        "add --quantize-head, or drop --embedding-bits")
+    if cfg.backend in (FULL, RTX) and quant:
+        bits = WEIGHT_ONLY.get(cfg.quantize) or int(cfg.options.get("bits") or 4)
+        if bits not in TRT_BITS or (cfg.method == "quant-lowrank" and int(cfg.options.get("bits") or 4) not in TRT_BITS):
+            raise UserError(f"TensorRT's QDQ weights are 4 or 8 bits; {bits}-bit codes run on ONNX Runtime only",
+                            "use --quantize w4/w8 (--bits 4/8), or --backend ort")
+        if not cfg.quant_sym:
+            raise UserError("TensorRT's QDQ weights are symmetric (its parser refuses unsigned codes with zero points)",
+                            "drop --quant-asym, or use --backend ort")
 
 
 def check_engine_config(cfg: BuildConfig) -> None:

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import UserError
+from .errors import UserError, disk_full
 from .progress import log
 
 MARKER = ".factordeploy-build.json"
@@ -78,6 +78,27 @@ def check_out(out: str | Path, overwrite: bool = False, inputs: Iterable[str | P
             raise UserError(f"--out {out} already holds {len(entries)} file(s) that deploy did not write "
                             f"(e.g. {entries[0]})",
                             "choose a new or empty folder, or pass --overwrite to replace it")
+
+
+def check_writable_folder(folder: str | Path, flag: str) -> None:
+    """Before any work: `flag`'s folder exists as a folder or can be created, on a file system that takes
+    new files (not /proc, /sys, a read-only mount). Probed by creating and at once removing an empty
+    folder in the nearest existing ancestor, so nothing is left behind."""
+    import tempfile
+
+    p = _abs(folder)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder", f"pass a folder for {flag}")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {folder} cannot be created: {probe} is a file", f"pass a folder you can write to for {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".factordeploy-probe-", dir=probe))
+    except OSError as e:
+        raise UserError(f"{flag} {folder} cannot be written: {probe} does not take new files ({e.strerror or e})",
+                        f"pass a folder on an ordinary writable disk for {flag}") from None
 
 
 class OutLock:
@@ -198,8 +219,10 @@ def write_marker(folder: Path, command: str) -> None:
                                              "command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """mkdir -p that returns the folders it created (deepest first), so a failure can remove them."""
+def _make_parents(folder: Path, created: list[Path] | None = None) -> list[Path]:
+    """mkdir -p that records the folders it created (deepest first) in `created`, so a failure (even in
+    the middle of this call) can remove them."""
+    created = [] if created is None else created
     missing = []
     p = folder
     while not p.exists():
@@ -207,7 +230,33 @@ def _make_parents(folder: Path) -> list[Path]:
         p = p.parent
     for m in reversed(missing):
         m.mkdir()
-    return missing
+        created.insert(0, m)
+    return created
+
+
+def os_error(e: OSError, what: str, path: Path | str, fix: str = "", out: Path | str | None = None) -> UserError:
+    """An operating-system error of the --out machinery as one line naming the path and the fix
+    (a full disk keeps errors.disk_full's wording)."""
+    full = disk_full(e)
+    if full is not None:
+        return full
+    reason = e.strerror or type(e).__name__
+    if not fix:
+        fix = {errno.EACCES: "choose an --out in a folder you can write to",
+               errno.EPERM: "choose an --out in a folder you can write to",
+               errno.EROFS: "choose an --out on a writable file system",
+               errno.ENOENT: "choose an --out on an ordinary disk (this location cannot hold new files)",
+               }.get(e.errno, "choose an --out on an ordinary writable disk")
+    where = f"--out {out}: " if out is not None else ""
+    return UserError(f"{where}cannot {what} {path}: {reason}", fix)
+
+
+@contextmanager
+def _os_step(what: str, path: Path | str, out: Path | str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise os_error(e, what, path, out=out) from None
 
 
 @contextmanager
@@ -221,35 +270,55 @@ def out_transaction(out: str | Path, overwrite: bool = False, inputs: Iterable[s
     inputs = list(inputs)
     check_out(out, overwrite, inputs)
     out_abs = _abs(out)
-    created = _make_parents(out_abs.parent)
+    created: list[Path] = []
+    try:
+        _make_parents(out_abs.parent, created)
+    except OSError as e:
+        _remove_created(created)
+        raise os_error(e, "create its parent folder", out_abs.parent, out=out) from None
     lock = OutLock(out_abs)
     ok = False
     try:
-        lock.acquire()
+        with _os_step("create the lock file", lock.path, out):
+            lock.acquire()
         if lock.stale:
             log(f"taking over the stale lock of a build that died ({lock.path.name})")
-        _recover(out_abs)
+        with _os_step("clean up what an interrupted build left beside it in", out_abs.parent, out):
+            _recover(out_abs)
         check_out(out, overwrite, inputs)  # again under the lock: the folder may have changed meanwhile
         tmp = out_abs.parent / f"{tmp_prefix(out_abs)}{os.getpid()}"
         aside = out_abs.with_name(f".{out_abs.name}.old-{os.getpid()}")
         try:
-            tmp.mkdir()
+            with _os_step("create the temporary folder", tmp, out):
+                tmp.mkdir()
             yield tmp
-            write_marker(tmp, command)
-            _swap_in(tmp, out_abs, aside)
+            with _os_step("write the build marker into", tmp, out):
+                write_marker(tmp, command)
+            with _os_step("move the finished build onto", out_abs, out):
+                _swap_in(tmp, out_abs, aside)
             ok = True
         finally:
             for p in (tmp, aside):  # the failed build, or the replaced old folder
-                if p.exists():
-                    _remove(p)
-    finally:
-        lock.release()
-        if not ok:  # leave no trace: folders made for --out go too (the lock file is gone now)
-            for d in created:  # deepest first
                 try:
-                    d.rmdir()
-                except OSError:
-                    break
+                    if p.exists():
+                        _remove(p)
+                except OSError as e:  # never hide the build's own error behind a clean-up error
+                    log(f"could not remove {p}: {e.strerror or e}; delete it by hand")
+    finally:
+        try:
+            lock.release()
+        except OSError as e:
+            log(f"could not remove the lock file {lock.path}: {e.strerror or e}; delete it by hand")
+        if not ok:  # leave no trace: folders made for --out go too (the lock file is gone now)
+            _remove_created(created)
+
+
+def _remove_created(created: list[Path]) -> None:
+    for d in created:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 @contextmanager

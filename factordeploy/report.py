@@ -164,7 +164,30 @@ def render_markdown(r: dict) -> str:
         "",
     ]
     qz = r.get("quantize")
-    if qz:
+    if qz and "spec" not in qz and qz.get("fidelity"):  # a method's own quantized factors (quant-lowrank)
+        qf = qz["fidelity"]
+        lines += [f"## Quantized factors ({qz.get('note', '')})",
+                  f"Deployed model.onnx (MatMulNBits accuracy_level 4: int8 activations) vs torch: "
+                  f"**{'PASSED' if qf['passed'] else 'FAILED'}** - mean abs {qf['mean_abs']:.3g} <= {qf['atol']}.", ""]
+    elif qz and qz.get("mode") != "int8":
+        sp = qz["spec"]
+        qf = qz.get("fidelity")
+        lines += [f"## Weight-only quantization ({qz['mode']}: {sp['bits']}-bit codes, block {sp['block']}, "
+                  f"{'symmetric' if sp['symmetric'] else 'asymmetric'}, {sp['algo']}, {sp['grid']} grid)",
+                  f"Every stored factor of {qz['layers_quantized']} block linears"
+                  + (f" and the LM head ({qz['head']})" if qz.get("head") else "")
+                  + f" is block-quantized: {_mb(qz['bytes_before'])} -> {_mb(qz['bytes_after'])} (codes, fp32 scales"
+                  + ("" if sp["symmetric"] else ", zero points") + " counted)."
+                  + (f" Kept in fp32 (no per-factor MatMul): {', '.join(qz['kept_fp32'])}." if qz["kept_fp32"] else "")
+                  + (f" Token-embedding table ({qz['embedding']['name']}): {qz['embedding']['form']}, {_mb(qz['embedding']['bytes_before'])}"
+                     f" -> {_mb(qz['embedding']['bytes_after'])}." if qz.get("embedding") else ""),
+                  "The export check above ran model.onnx at MatMulNBits accuracy_level 0 (fp32 arithmetic on the stored codes)."]
+        if qf:
+            lines.append(f"Deployed model.onnx (accuracy_level 4: int8 activations, the fast CPU kernel) vs torch: "
+                         f"**{'PASSED' if qf['passed'] else 'FAILED'}** - mean abs {qf['mean_abs']:.3g} <= {qf['atol']} "
+                         f"(max abs {qf['max_abs']:.3g}).")
+        lines.append("")
+    elif qz:
         qf = qz["fidelity"]
         lines += ["## int8 artifact (onnxruntime dynamic quantization)",
                   f"model.onnx is int8: {_mb(qz['bytes_before'])} -> {_mb(qz['bytes_after'])} "

@@ -28,11 +28,14 @@ from torch import nn
 from .attention import AttentionConfig, check_supported, install_combiner
 from .compress.base import CompressContext, CompressResult, Method, get_method
 from .compress.calibration import Calibration
+from .compress.layers import FactorizedLinear, layer_bytes, stored_model_bytes
+from .compress.quant import QuantSpec
+from .compress.quantize import WEIGHT_ONLY, apply_pending, block_linears, embedding_name, quantize_model, spec_for
 from .compress.targets import find_targets
-from .config import BuildConfig
+from .config import BuildConfig, check_model_limits
 from .engines import ort as ortmod
 from .engines.ort_model import OrtModel
-from .engines.quantize import quantize_int8
+from .engines.quantize import exact_nbits_copy, quantize_int8
 from .engines.tensorrt import TrtBuildConfig, build_engine
 from .engines.trt_module import choose_backend, describe, polygraphy_trt
 from .errors import UserError
@@ -74,6 +77,14 @@ class BuildState:
     artifacts: dict[str, Path] = field(default_factory=dict)
     teacher: Teacher | None = None  # recovery: the original's outputs on the training windows
 
+    def quant_settings(self) -> dict:
+        """How stored factors are quantized (compress/quant.QuantSpec fields but bits); TensorRT backends
+        need positive scales, so they get the positive symmetric grid instead of ONNX Runtime's signed one."""
+        cfg = self.cfg
+        trt = cfg.backend in ("trt", "trt-rtx") or (cfg.backend == "auto" and choose_backend("auto").backend != "ort")
+        return {"block": cfg.quant_block, "symmetric": cfg.quant_sym, "algo": cfg.quant_algo,
+                "grid": "positive" if trt and cfg.quant_sym else "signed"}
+
     @property
     def model(self) -> nn.Module:
         assert self.loaded is not None, "the load stage runs first"
@@ -103,16 +114,29 @@ def load(s: BuildState) -> None:
     cfg = s.cfg
     torch.manual_seed(cfg.seed)
     with stage("load model", s.timings):
-        s.loaded = load_model(cfg.model)
+        s.loaded = load_model(cfg.model, on_config=lambda shape: check_model_limits(cfg, shape))
         s.loaded.model.to(cfg.device)
     s.targets = find_targets(s.model, cfg.include, cfg.exclude)
     if not s.targets:
         raise UserError(f"model '{cfg.model}' has no nn.Linear layers matching the target patterns",
                         "pick a transformer with linear layers, or widen the target patterns")
+    # option rules on the targeted layers' exact shapes, before the original is evaluated or calibrated
+    get_method(cfg.method).validate_model(s.model, s.targets, dict(cfg.options))
     s.before = model_bytes(s.model)
     s.attention = s.cfg.attention_config(s.model)
     check_supported(s.model, s.attention)  # an unsupported --attention fails before any work
+    check_embedding_quant(s.model, cfg)
     s.report.model = {"name": s.loaded.name, "kind": s.loaded.kind, "source": s.loaded.source}
+
+
+def check_embedding_quant(model, cfg) -> None:
+    """--quantize-head --embedding-bits 4 needs --quant-block to divide the table's width (one-line error)."""
+    name = embedding_name(model) if cfg.quantize_head else None
+    if name is not None and cfg.embedding_bits == 4:
+        D = model.get_submodule(name).weight.shape[1]
+        if D % cfg.quant_block:
+            raise UserError(f"--quant-block {cfg.quant_block} does not divide the embedding width {D} (--embedding-bits 4)",
+                            "use --embedding-bits 8, or a --quant-block that divides " + str(D))
 
 
 def reference(s: BuildState) -> None:
@@ -135,7 +159,8 @@ def export_baseline(s: BuildState) -> None:
 def calibrate(s: BuildState) -> None:
     """Calibration windows (statistics are computed lazily by the method), only when the method uses them."""
     s.method = get_method(s.cfg.method)
-    if s.calibration is None and s.cfg.blockwise.uses_calibration(s.method, dict(s.cfg.options)):
+    gptq = s.cfg.quantize in WEIGHT_ONLY and s.cfg.quant_algo == "gptq"
+    if s.calibration is None and (s.cfg.blockwise.uses_calibration(s.method, dict(s.cfg.options)) or gptq):
         s.calibration = Calibration(s.loaded, s.cfg.calib, s.cfg.device)
         s.calibration.windows()  # tokenized now: too little text fails before any compression work
         if s.cfg.calib_cache:  # statistics stored by earlier builds of this model + calibration config
@@ -148,7 +173,8 @@ def compress(s: BuildState) -> None:
     method = s.method = get_method(cfg.method)
     bw = cfg.blockwise
     ctx = CompressContext(ratio=cfg.ratio, device=cfg.device, seed=cfg.seed, options=dict(cfg.options),
-                          calibration=s.calibration if bw.uses_calibration(method, dict(cfg.options)) else None)
+                          calibration=s.calibration if bw.uses_calibration(method, dict(cfg.options)) else None,
+                          quant=s.quant_settings())
     with stage(f"compress ({cfg.method})", s.timings):
         if bw.active(method, dict(cfg.options)):  # --calib-mode sequential / --reconstruct-steps (compress/sequential.py)
             sig = {"method": cfg.method, "ratio": cfg.ratio, "options": cfg.options, "seed": cfg.seed,
@@ -161,7 +187,8 @@ def compress(s: BuildState) -> None:
         ctx.calibration.save_store()
     s.model.eval()
     s.factorized = {x.name: x.after for x in r.layers if x.after.get("kind") != "dense"}
-    params_after, bytes_after = model_bytes(s.model)
+    params_after, _ = model_bytes(s.model)
+    bytes_after = stored_model_bytes(s.model)
     s.report.method = {"name": cfg.method, "summary": method.summary, "ratio": cfg.ratio, "options": cfg.options,
                        "notes": r.notes, **({"extra": r.extra} if r.extra else {})}
     s.report.calibration = ctx.calibration.describe() if ctx.calibration is not None else None
@@ -202,6 +229,55 @@ def recovery(s: BuildState) -> None:
         s.report.recovery = recover(s.loaded, s.model, s.teacher, cfg.recovery, cfg.device, signature=sig).as_dict()
     s.teacher = None
     s.model.eval()
+
+
+def quantize_weights(s: BuildState) -> None:
+    """--quantize w8|w4|w2: every stored factor of every block linear block-quantized (after recovery, so
+    training saw full precision); factors a method left pending (quant-lowrank's correction) are stored too."""
+    cfg = s.cfg
+    if cfg.quantize not in WEIGHT_ONLY:
+        changed = apply_pending(s.model)
+        if cfg.quantize_head:  # quant-lowrank alone: the head at the method's bits, the table at --embedding-bits
+            q = s.quant_settings()
+            spec = QuantSpec(int(cfg.options.get("bits") or 4), q["block"], q["symmetric"], "rtn", q["grid"])
+            with stage(f"quantize LM head and embedding table ({spec.tag})", s.timings):
+                s.report.quantize = {"mode": cfg.quantize,
+                                     **quantize_model(s.model, [], spec, head=True, embedding_bits=cfg.embedding_bits,
+                                                      only_head=True).as_dict()}
+            changed = True
+        if changed:
+            _refresh_sizes(s)
+        return
+    q = s.quant_settings()
+    spec = spec_for(cfg.quantize, q["block"], q["symmetric"], q["algo"], q["grid"])
+    grams = None
+    if spec.algo == "gptq" and s.calibration is not None:
+        names = block_linears(s.model, s.targets)
+        with stage("calibration statistics for GPTQ", s.timings):
+            grams = s.calibration.grams(s.model, names)
+    with stage(f"quantize stored factors ({spec.tag})", s.timings):
+        summary = quantize_model(s.model, s.targets, spec, head=cfg.quantize_head, grams=grams,
+                                 embedding_bits=cfg.embedding_bits)
+    s.model.eval()
+    s.report.quantize = {"mode": cfg.quantize, **summary.as_dict()}
+    _refresh_sizes(s)
+
+
+def _refresh_sizes(s: BuildState) -> None:
+    """Bytes and the layer manifest after quantization changed what each layer stores."""
+    s.factorized = {n: m.describe() for n, m in s.model.named_modules() if isinstance(m, FactorizedLinear)}
+    size = s.report.size
+    if size is not None:
+        size.targeted_bytes_after = sum(layer_bytes(s.model.get_submodule(t)) for t in s.targets)
+        size.bytes_after = stored_model_bytes(s.model)
+        size.factorized_layers = sum(1 for t in s.targets if isinstance(s.model.get_submodule(t), FactorizedLinear))
+        size.targeted_reduction = round(1 - size.targeted_bytes_after / size.targeted_bytes_before, 4)
+    done = {t: s.model.get_submodule(t).describe() for t in s.targets
+            if isinstance(s.model.get_submodule(t), FactorizedLinear)}
+    for rec in s.report.layers:
+        if rec["name"] in done:
+            rec["after"] = done[rec["name"]]
+            rec["bytes_after"] = layer_bytes(s.model.get_submodule(rec["name"]))
 
 
 def evaluate(s: BuildState) -> None:
@@ -295,19 +371,37 @@ def verify_export(s: BuildState) -> None:
     """polygraphy: the compressed torch model vs model.onnx on ONNX Runtime, on real held-out text."""
     s.artifacts.pop("exported").unlink()
     plan = s.plan
+    exact = s.folder / ".exact-check.onnx"
     with stage("verify export (polygraphy: torch vs ONNX Runtime)", s.timings):
         atol, rtol = tolerances(s.loaded)
-        c = compare_torch_onnx(plan.fn, str(s.artifacts["model"]), plan.feeds, plan.input_names, plan.output_names,
-                               atol=atol, rtol=rtol, device=s.cfg.device)
+        # weight-only artifacts compute with int8-quantized activations (MatMulNBits accuracy_level 4);
+        # the check runs a copy at accuracy_level 0, where the graph's codes must reproduce torch exactly
+        checked = exact if exact_nbits_copy(s.artifacts["model"], exact) else s.artifacts["model"]
+        try:
+            c = compare_torch_onnx(plan.fn, str(checked), plan.feeds, plan.input_names, plan.output_names,
+                                   atol=atol, rtol=rtol, device=s.cfg.device)
+        finally:
+            exact.unlink(missing_ok=True)
+            exact.with_name(exact.name + ".data").unlink(missing_ok=True)
     s.report.fidelity = FidelityReport(**asdict(c), feeds=[{k: list(v.shape) for k, v in f.items()} for f in s.feeds])
     if not c.passed:
         log(f"WARNING: export fidelity check FAILED (max abs {c.max_abs:.3g} > atol {atol})")
+    if checked == exact:  # weight-only codes in the graph (--quantize w8|w4|w2, or a method's own, e.g. quant-lowrank)
+        if s.report.quantize is None:
+            s.report.quantize = {"mode": s.cfg.quantize, "note": f"quantized factors stored by --method {s.cfg.method}"}
+        with stage("verify deployed weight-only artifact (int8 activations, mean error)", s.timings):
+            d = compare_torch_onnx(plan.fn, str(s.artifacts["model"]), plan.feeds, plan.input_names, plan.output_names,
+                                   atol=int8_tolerance(s.loaded), rtol=0.0, device=s.cfg.device, error_stat="mean")
+        s.report.quantize["fidelity"] = d.as_dict() | {"note": "deployed model.onnx (accuracy_level 4) vs torch"}
+        s.report.quantize["model_onnx_bytes"] = os.path.getsize(s.artifacts["model"])
+        if not d.passed:
+            log(f"WARNING: weight-only artifact check FAILED (mean abs {d.mean_abs:.3g})")
 
 
 def quantize(s: BuildState) -> None:
     """--quantize int8: model.onnx becomes the int8 artifact; the export check and the quality probe
     run again on that file (mean-error tolerance stated in the report)."""
-    if s.cfg.quantize == "none":
+    if s.cfg.quantize != "int8":
         return
     path, plan = s.artifacts["model"], s.plan
     fp32 = path.with_name("model.fp32.onnx")
@@ -316,7 +410,7 @@ def quantize(s: BuildState) -> None:
         res = quantize_int8(fp32, path)
         fp32.unlink()
         ortmod.session(path, optimized_out=s.artifacts["ort_optimized"])
-    q = s.report.quantize = res.as_dict() | {"path": path.name}
+    q = s.report.quantize = {"mode": "int8", **res.as_dict(), "path": path.name}
     with stage("verify int8 artifact (polygraphy: torch fp32 vs ONNX Runtime int8)", s.timings):
         atol = int8_tolerance(s.loaded)
         c = compare_torch_onnx(plan.fn, str(path), plan.feeds, plan.input_names, plan.output_names,

@@ -83,3 +83,15 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(cfg).eval().save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repository_stays_clean():
+    """No test may leave build debris in the repository root (locks or temporary siblings of an --out
+    resolved against the current folder, like `."".lock` from an empty --out)."""
+    repo = Path(__file__).resolve().parents[1]
+    before = {p.name for p in repo.iterdir()}
+    yield
+    debris = sorted(n for n in {p.name for p in repo.iterdir()} - before
+                    if n.endswith(".lock") or ".tmp-" in n or ".old-" in n)
+    assert not debris, f"tests left {debris} in {repo}"

@@ -14,7 +14,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "factordeploy"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "errors", "progress"),  # leaves: no factordeploy imports
+    ("__init__", "errors", "progress", "ranges"),  # leaves: no factordeploy imports (ranges: every option range, click types)
     ("interrupts", "outdir"),            # signals as exceptions; safe writes (--out, caches, checkpoints)
     ("ops",),                            # custom ops: spec, body, emit, one package per op
     ("models",),

@@ -108,3 +108,15 @@ def test_bad_sampling_options_are_one_line_errors(built):
     out, _ = built
     r = CliRunner().invoke(main, ["generate", str(out), "--prompt", "hi", "--sample", "--top-p", "0"])
     assert r.exit_code == 2 and "--top-p" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_prompt_plus_new_tokens_past_the_positions_is_one_line(built):
+    """The tiny Llama has 512 positions: --max-new-tokens 512 is refused from config.json alone, and a
+    prompt whose tokens plus --max-new-tokens pass them before the first prompt is generated."""
+    out, _ = built
+    r = CliRunner().invoke(main, ["generate", str(out), "--prompt", "hi", "--max-new-tokens", "512"])
+    assert r.exit_code == 2 and "--max-new-tokens" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    r = CliRunner().invoke(main, ["generate", str(out), "--prompt", "hi", "--prompt", "word " * 500,
+                                  "--max-new-tokens", "100"])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "positions" in lines[0] and r.stdout == "", r.output

@@ -8,6 +8,7 @@ from `Method.options`, so adding a method touches compress/ only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models.shape import ModelShape
+from ..ranges import INT32, ModelLimit
 from .layers import describe_layer, layer_bytes
 from .targets import get_module, set_module
 
@@ -23,8 +26,10 @@ from .targets import get_module, set_module
 class MethodOption:
     """A method-specific option: `--{name}` (dashes) on the CLI, ctx.options[name with underscores].
 
-    CLI-neutral: a Python type, optional allowed values (`choices`) and bounds; cli.py maps these to
-    click types, `check` validates library callers the same way."""
+    CLI-neutral: a Python type, optional allowed values (`choices` for strings, `one_of` for ints) and
+    bounds, and `limit`, the bound that depends on the model (a ranges.ModelLimit, checked by
+    `Method.validate` before any weight is loaded). This spec is the one place the option's range lives:
+    cli.py maps it to a ranges.py click type, `check` validates library callers the same way."""
 
     name: str
     type: type
@@ -34,6 +39,10 @@ class MethodOption:
     min: float | None = None
     max: float | None = None
     min_open: bool = False
+    multiple_of: int | None = None  # ints with a divisibility rule (e.g. SparseGPT blocks of 4 columns)
+    one_of: tuple[int, ...] | None = None  # ints from a fixed set (e.g. --bits 2/4/8)
+    limit: ModelLimit | None = None  # the model-dependent upper bound (dictionary size <= widest linear, ...)
+    path: str | None = None  # str options naming a path: "in" (read) or "out" (a folder written, e.g. a checkpoint)
 
     @property
     def key(self) -> str:
@@ -45,16 +54,33 @@ class MethodOption:
             return None
         try:
             v = self.type(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"--{self.name} must be {self.type.__name__}, got {value!r}", self.help) from None
+        hi = self.upper
         bad = ((self.choices is not None and v not in self.choices)
+               or (self.type is float and not math.isfinite(v))
                or (self.min is not None and (v < self.min or (self.min_open and v == self.min)))
-               or (self.max is not None and v > self.max))
+               or (hi is not None and v > hi)
+               or (self.multiple_of is not None and v % self.multiple_of)
+               or (self.one_of is not None and v not in self.one_of))
         if bad:
-            allowed = (", ".join(self.choices) if self.choices is not None else
-                       f"{'>' if self.min_open else '>='} {self.min}" + (f" and <= {self.max}" if self.max is not None else ""))
-            raise UserError(f"--{self.name} {value!r} is not allowed", f"use {allowed}")
+            raise UserError(f"--{self.name} {value!r} is not allowed", f"use {self.allowed()}")
         return v
+
+    @property
+    def upper(self) -> float | None:
+        """The declared max; every int is capped at INT32 (sizes and counts reach torch as int32/int64)."""
+        return min(self.max, INT32) if self.type is int and self.max is not None else INT32 if self.type is int else self.max
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            return ", ".join(self.choices)
+        if self.one_of is not None:
+            return ", ".join(map(str, self.one_of))
+        parts = ([] if self.min is None else [f"{'>' if self.min_open else '>='} {self.min}"]) + \
+            ([] if self.upper is None else [f"<= {self.upper}"])
+        return ("a finite number " if self.type is float else "an integer " if self.type is int else "") + \
+            " and ".join(parts) + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
 
 
 @dataclass
@@ -67,6 +93,9 @@ class CompressContext:
     options: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None  # compress.calibration.Calibration, built lazily by the build
     plan: dict[str, Any] = field(default_factory=dict)  # block-wise runs: global decisions (Method.plan)
+    # how quantized factors are stored (compress/quant.QuantSpec fields but bits): block, symmetric, algo, grid
+    quant: dict[str, Any] = field(default_factory=lambda: {"block": 32, "symmetric": True, "algo": "rtn",
+                                                           "grid": "signed"})
 
     def opt(self, key: str, default: Any = None) -> Any:
         v = self.options.get(key)
@@ -132,6 +161,19 @@ class Method:
         """Global decisions made once on the ORIGINAL statistics before a block-wise run (e.g. ranks
         allocated across all layers); the result is `ctx.plan` for every unit's `compress`."""
         return None
+
+    def validate(self, options: dict[str, Any], shape: ModelShape) -> None:
+        """Reject option values the MODEL cannot take: the build calls this right after config.json is read,
+        before weights, calibration or any compression work (config.check_model_limits). The default checks
+        every option's declared `limit` (dictionary sizes vs the widths, block counts vs the depth, ...);
+        a method with further rules extends it. `options` are already range-checked (MethodOption.check)."""
+        for o in self.options:
+            if o.limit is not None:
+                o.limit.check(f"--{o.name}", options.get(o.key), shape)
+
+    def validate_model(self, model: nn.Module, targets: list[str], options: dict[str, Any]) -> None:
+        """Rules that need the targeted layers themselves (their exact shapes): the build calls this once the
+        targets are found and before calibration (stages.load); UserError with a fix."""
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         raise NotImplementedError

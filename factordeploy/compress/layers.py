@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import sparse_dict_matmul, sparse_matmul
+from ..ops import quant_gather, quant_matmul, sparse_dict_matmul, sparse_matmul
 from ..ops.export import emit
 from .linalg import balance_factors
+from .quant import QuantizedMatrix, QuantSpec, quant_bytes, quantize_rtn
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -63,6 +64,84 @@ class FactorizedLinear(nn.Module):
         d = self.describe()
         return ", ".join(f"{k}={v}" for k, v in d.items() if k != "kind")
 
+    # --- quantized factors (compress/quant.py): a property of each stored matrix ---------------
+    #: the 2-D tensors this layer multiplies activations by as F.linear(x, W) weights (K = dim 1):
+    #: the ones `quantize_factors_` may store as block-quantized codes
+    matmul_factors: tuple[str, ...] = ()
+
+    def quantized(self) -> dict[str, QuantizedMatrix]:
+        q = self._modules.get("quant")
+        return dict(q.items()) if q is not None else {}
+
+    def qlinear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x -> x W^T for factor `name`; a quantized factor is one quantized-matmul node under ONNX export
+        (its codes, not its dequantized values, reach the graph), its dequantized values in torch."""
+        q = self.quantized().get(name)
+        if q is not None and torch.onnx.is_in_onnx_export():
+            return emit(quant_matmul.SPEC, (x, q.q, q.scale, q.zero),
+                        {"bits": q.spec.bits, "block": q.spec.block, "symmetric": int(q.spec.symmetric)})
+        return F.linear(x, getattr(self, name))
+
+    def factor_bytes(self, name: str) -> int:
+        """Stored bytes of one factor: its codes + scales (+ zeros) when quantized (or due to be, see
+        `pending_quant`), else its tensor."""
+        q = self.quantized().get(name)
+        if q is not None:
+            return q.stored_bytes()
+        W = getattr(self, name)
+        spec = self.pending().get(name)
+        if spec is not None and QuantizedMatrix.saves_bytes(W, spec):
+            return quant_bytes(W.shape[1], W.shape[0], spec)
+        return tensor_bytes(W)
+
+    def pending(self) -> dict[str, QuantSpec]:
+        """Factors a method asked to store quantized once training is over (quant-lowrank's correction:
+        recovery trains it at full precision first); `apply_pending_quant_` stores them."""
+        return dict(getattr(self, "pending_quant", {}) or {})
+
+    def apply_pending_quant_(self) -> list[str]:
+        done = []
+        for name, spec in self.pending().items():
+            done += self.quantize_factors_(spec, (name,))
+        self.pending_quant = {}
+        return done
+
+    def factor_gram(self, name: str, gram: torch.Tensor) -> torch.Tensor | None:
+        """X^T X of factor `name`'s input given the layer input's `gram` (None: unknown; GPTQ then uses RTN)."""
+        return gram
+
+    @torch.no_grad()
+    def quantize_factors_(self, spec: QuantSpec, names: tuple[str, ...] | None = None,
+                          gram: torch.Tensor | None = None) -> list[str]:
+        """Store factors `names` (default: every matmul factor not yet quantized) as block-quantized codes.
+
+        The factor becomes a frozen buffer holding its dequantized values (so every torch computation
+        sees what the deployed graph computes); the codes live in `self.quant[name]`. A factor whose
+        quantized form would not be smaller (K shorter than a block) stays as it is. Returns the names."""
+        done = []
+        have = self.quantized()
+        for name in names if names is not None else self.matmul_factors:
+            if name in have:
+                continue
+            W = getattr(self, name).detach()
+            if not QuantizedMatrix.saves_bytes(W, spec):
+                continue
+            g = self.factor_gram(name, gram) if gram is not None else None
+            q = QuantizedMatrix.from_weight(W, spec, gram=g)
+            if "quant" not in self._modules:
+                self.quant = nn.ModuleDict()
+            self.quant[name] = q
+            deq = q.weight().to(W.dtype).contiguous()
+            delattr(self, name)
+            self.register_buffer(name, deq)
+            done.append(name)
+        return done
+
+    def quant_facts(self) -> dict:
+        q = {n: m.spec.tag for n, m in self.quantized().items()}
+        q |= {n: s.tag + " (after training)" for n, s in self.pending().items() if n not in q}
+        return {"quant": q} if q else {}
+
 
 class LowRankLinear(FactorizedLinear):
     """W ~ B @ A with A (r x in) and B (out x r); forward x -> (x A^T) B^T + b.
@@ -71,6 +150,7 @@ class LowRankLinear(FactorizedLinear):
     """
 
     kind = "lowrank"
+    matmul_factors = ("A", "B")
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
@@ -84,10 +164,17 @@ class LowRankLinear(FactorizedLinear):
         return self.A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B, self.bias)
+        y = self.qlinear(self.qlinear(x, "A"), "B")
+        return y + self.bias if self.bias is not None else y
 
     def dense_weight(self) -> torch.Tensor:
         return self.B @ self.A
+
+    def factor_gram(self, name: str, gram: torch.Tensor) -> torch.Tensor | None:
+        if name == "B":  # B reads z = x A^T: Z^T Z = A G A^T
+            A = self.A.detach().to(torch.float64)
+            return A @ gram.to(torch.float64) @ A.T
+        return gram
 
     @torch.no_grad()
     def balance_(self) -> "LowRankLinear":
@@ -102,10 +189,11 @@ class LowRankLinear(FactorizedLinear):
         return self
 
     def stored_bytes(self) -> int:
-        return tensor_bytes(self.A) + tensor_bytes(self.B)
+        return self.factor_bytes("A") + self.factor_bytes("B")
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank} | self.graph_facts()
+        return ({"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank}
+                | self.quant_facts() | self.graph_facts())
 
 
 def linear_from(layer: nn.Linear, weight: torch.Tensor) -> nn.Linear:
@@ -117,6 +205,23 @@ def linear_from(layer: nn.Linear, weight: torch.Tensor) -> nn.Linear:
         if layer.bias is not None:
             out.bias.copy_(layer.bias)
     return out
+
+
+def stored_model_bytes(model: nn.Module) -> int:
+    """Every stored weight byte of a model: each factorized layer's `stored_bytes()` (+ its bias),
+    every other parameter as it is (a quantized factor's dequantized buffer is not stored)."""
+    total, seen = 0, set()
+    for m in model.modules():
+        if isinstance(m, FactorizedLinear):
+            total += m.stored_bytes() + (tensor_bytes(m.bias) if m.bias is not None else 0)
+            seen.update(id(p) for p in m.parameters())
+        elif isinstance(m, QuantEmbedding):
+            total += m.stored_bytes()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += tensor_bytes(p)
+    return total
 
 
 def layer_bytes(module: nn.Module) -> int:
@@ -206,6 +311,7 @@ class Sparse24Linear(_Validated24):
     """
 
     kind = "sparse24"
+    matmul_factors = ("weight",)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
@@ -216,20 +322,25 @@ class Sparse24Linear(_Validated24):
         check_24(self.weight, "Sparse24Linear weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = self.qlinear(x, "weight")
+        return y + self.bias if self.bias is not None else y
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight
 
     def stored_bytes(self) -> int:
+        if self.quantized():  # the quantized graph stores dense codes (zeros are code 2^(b-1)): counted as stored
+            return self.factor_bytes("weight")
         return sparse24_bytes(self.out_features, self.in_features, self.weight.element_size())
 
     def describe(self) -> dict:
         nz = float((self.weight != 0).float().mean())
         return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "density": round(nz, 4)
-                } | self.graph_facts()
+                } | self.quant_facts() | self.graph_facts()
 
     def graph_facts(self) -> dict:
+        if self.quantized():  # the constant is QDQ codes now; the 2:4 pattern is checked in torch (validate)
+            return {}
         return {"weight_2to4": [self.in_features, self.out_features]}  # W^T [in, out], 2:4 along in
 
 
@@ -241,6 +352,7 @@ class DenseSparseLinear(_Validated24):
     """
 
     kind = "densesparse"
+    matmul_factors = ("D", "S")
 
     def __init__(self, D: torch.Tensor, S: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         if D.dim() != 2 or S.dim() != 2 or D.shape[1] != S.shape[0]:
@@ -258,18 +370,30 @@ class DenseSparseLinear(_Validated24):
         check_24(self.S, "DenseSparseLinear S")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.S), self.D, self.bias)
+        y = self.qlinear(self.qlinear(x, "S"), "D")
+        return y + self.bias if self.bias is not None else y
 
     def dense_weight(self) -> torch.Tensor:
         return self.D @ self.S
 
+    def factor_gram(self, name: str, gram: torch.Tensor) -> torch.Tensor | None:
+        if name == "D":  # D reads z = x S^T
+            S = self.S.detach().to(torch.float64)
+            return S @ gram.to(torch.float64) @ S.T
+        return gram
+
     def stored_bytes(self) -> int:
-        return tensor_bytes(self.D) + sparse24_bytes(self.k, self.in_features, self.S.element_size())
+        s = (self.factor_bytes("S") if "S" in self.quantized()
+             else sparse24_bytes(self.k, self.in_features, self.S.element_size()))
+        return self.factor_bytes("D") + s
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "k": self.k} | self.graph_facts()
+        return ({"kind": self.kind, "in": self.in_features, "out": self.out_features, "k": self.k}
+                | self.quant_facts() | self.graph_facts())
 
     def graph_facts(self) -> dict:
+        if "S" in self.quantized():
+            return {}
         return {"weight_2to4": [self.in_features, self.k]}  # S^T [in, k], 2:4 along in
 
 
@@ -404,6 +528,7 @@ class SparsePlusLowRankLinear(FactorizedLinear):
 
     kind = "sparse_lowrank"
     op = sparse_matmul.SPEC
+    matmul_factors = ("A", "B")
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
                  bias: torch.Tensor | None = None, scale: float = 1.0) -> None:
@@ -446,7 +571,7 @@ class SparsePlusLowRankLinear(FactorizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            y = F.linear(F.linear(x, self.A), self.B)
+            y = self.qlinear(self.qlinear(x, "A"), "B")
             if self.scale != 1.0:
                 y = y * self.scale
             y = y + emit(self.op, (x, self.idx, self.val),
@@ -456,12 +581,19 @@ class SparsePlusLowRankLinear(FactorizedLinear):
 
     def stored_bytes(self) -> int:
         scalar = self.A.element_size() if self.scale != 1.0 else 0  # the exported Mul's constant
-        return tensor_bytes(self.A) + tensor_bytes(self.B) + tensor_bytes(self.idx) + tensor_bytes(self.val) + scalar
+        return (self.factor_bytes("A") + self.factor_bytes("B") + tensor_bytes(self.idx) + tensor_bytes(self.val)
+                + scalar)
+
+    def factor_gram(self, name: str, gram: torch.Tensor) -> torch.Tensor | None:
+        if name == "B":
+            A = self.A.detach().to(torch.float64)
+            return A @ gram.to(torch.float64) @ A.T
+        return gram
 
     def describe(self) -> dict:
         return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank,
                 "nnz": self.nnz, "density": round(self.nnz / (self.in_features * self.out_features), 5),
-                "index_dtype": str(self.idx.dtype).replace("torch.", "")} | self.graph_facts()
+                "index_dtype": str(self.idx.dtype).replace("torch.", "")} | self.quant_facts() | self.graph_facts()
 
     def graph_facts(self) -> dict:
         return {"custom_op": self.op.name}
@@ -481,6 +613,7 @@ class ChannelSparseLowRankLinear(FactorizedLinear):
     """
 
     kind = "channel_lowrank"
+    matmul_factors = ("A", "B", "Ws")
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, channels: torch.Tensor, Ws: torch.Tensor,
                  bias: torch.Tensor | None = None, gamma: float = 0.5) -> None:
@@ -516,16 +649,161 @@ class ChannelSparseLowRankLinear(FactorizedLinear):
         return self.gamma * (self.B @ self.A) + (1.0 - self.gamma) * self.channel_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.gamma * F.linear(F.linear(x, self.A), self.B)
-        y = y + (1.0 - self.gamma) * F.linear(x.index_select(-1, self.channels), self.Ws)
+        y = self.gamma * self.qlinear(self.qlinear(x, "A"), "B")
+        y = y + (1.0 - self.gamma) * self.qlinear(x.index_select(-1, self.channels), "Ws")
         return y + self.bias if self.bias is not None else y
 
     def stored_bytes(self) -> int:
         # + the scalar constants of the exported Muls: gamma and 1 - gamma (one constant when equal)
         scalars = len({self.gamma, 1.0 - self.gamma})
-        return (tensor_bytes(self.A) + tensor_bytes(self.B) + tensor_bytes(self.channels) + tensor_bytes(self.Ws)
+        return (self.factor_bytes("A") + self.factor_bytes("B") + tensor_bytes(self.channels) + self.factor_bytes("Ws")
                 + scalars * self.A.element_size())
+
+    def factor_gram(self, name: str, gram: torch.Tensor) -> torch.Tensor | None:
+        G = gram.to(torch.float64)
+        if name == "B":
+            A = self.A.detach().to(torch.float64)
+            return A @ G @ A.T
+        if name == "Ws":
+            I = self.channels.long()
+            return G[I][:, I]
+        return gram
 
     def describe(self) -> dict:
         return {"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank,
-                "channels": int(self.channels.numel()), "gamma": self.gamma} | self.graph_facts()
+                "channels": int(self.channels.numel()), "gamma": self.gamma} | self.quant_facts() | self.graph_facts()
+
+
+# --- dense and quantization-first layers (issue 20) ------------------------------------------
+
+class DenseLinear(FactorizedLinear):
+    """A dense weight kept as a stored factor, so it can be quantized like any other
+    (an nn.Linear under `--quantize w4|w8`: untargeted linears, layers a method left dense, the LM head)."""
+
+    kind = "dense_weight"
+    matmul_factors = ("weight",)
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.weight = nn.Parameter(weight.detach().clone().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qlinear(x, "weight")
+        return y + self.bias if self.bias is not None else y
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def stored_bytes(self) -> int:
+        return self.factor_bytes("weight")
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "in": self.in_features, "out": self.out_features} | self.quant_facts()
+
+
+class QuantLowRankLinear(FactorizedLinear):
+    """Low-rank-corrected quantization: W ~ Q_b(W - B A) + B A (LQER / ZeroQuant-V2's LoRC).
+
+    * ``W`` (out x in): the residual, stored block-quantized (always: that is the form's point);
+    * ``A`` (r x in), ``B`` (out x r): the correction, fitted on the calibration activations
+      (compress/methods/quant_lowrank.py), stored at 8 bits or fp32.
+
+    forward: x W^T + (x A^T) B^T + b; exported as the residual's quantized matmul plus two MatMuls, summed.
+    """
+
+    kind = "quant_lowrank"
+    matmul_factors = ("W", "A", "B")
+
+    def __init__(self, W: QuantizedMatrix, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(A.shape[1], B.shape[0], bias)
+        if W.N != B.shape[0] or W.K != A.shape[1] or A.shape[0] != B.shape[1]:
+            raise ValueError(f"QuantLowRankLinear needs W ({B.shape[0]} x {A.shape[1]}), A (r x in), B (out x r); "
+                             f"got {W.N} x {W.K}, {tuple(A.shape)}, {tuple(B.shape)}")
+        self.quant = nn.ModuleDict({"W": W})
+        self.register_buffer("W", W.weight().to(A.dtype).contiguous())
+        self.A = nn.Parameter(A.detach().clone().contiguous())
+        self.B = nn.Parameter(B.detach().clone().contiguous())
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qlinear(x, "W") + self.qlinear(self.qlinear(x, "A"), "B")
+        return y + self.bias if self.bias is not None else y
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.W + self.B @ self.A
+
+    def factor_gram(self, name: str, gram: torch.Tensor) -> torch.Tensor | None:
+        if name == "B":
+            A = self.A.detach().to(torch.float64)
+            return A @ gram.to(torch.float64) @ A.T
+        return gram
+
+    def stored_bytes(self) -> int:
+        return self.factor_bytes("W") + self.factor_bytes("A") + self.factor_bytes("B")
+
+    def describe(self) -> dict:
+        return ({"kind": self.kind, "in": self.in_features, "out": self.out_features, "rank": self.rank}
+                | self.quant_facts())
+
+
+class QuantEmbedding(nn.Module):
+    """A token-embedding table stored as signed codes with fp32 scales: 8 bits with one scale per row
+    (absmax / 127), or 4 bits with one scale per `block` entries (ONNX Runtime's signed grid).
+
+    `--quantize-head` stores it so (the table is a third of a small decoder's bytes and most of an
+    encoder's file; `--embedding-bits` picks 8 or 4). forward: codes[ids] * scale[ids]; the file holds the
+    codes (one node of ops/quant_gather under export: dequantize-then-gather for TensorRT,
+    gather-then-dequantize for ONNX Runtime). Rows are looked up, never multiplied: per-row int8 moves
+    each entry by at most half a step (1/254 of the row's largest entry). A tied LM head keeps its own
+    weight (quantized, if at all, as a DenseLinear).
+    """
+
+    kind = "quant_embedding"
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None, bits: int = 8, block: int = 32) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"embedding bits must be 4 or 8, got {bits}")
+        W = weight.detach().to(torch.float32)
+        V, D = W.shape
+        if bits == 8:
+            block = D
+            scale = W.abs().amax(1, keepdim=True) / 127.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            codes = torch.round(W / scale).clamp(-127, 127)
+        else:
+            if D % block:
+                raise ValueError(f"4-bit embedding blocks of {block} must divide the width {D}")
+            spec = QuantSpec(4, block, True)
+            q, sc, _ = quantize_rtn(W.T.contiguous(), spec)  # K = D: blocks along each row
+            codes = q.T.to(torch.int16) - 8
+            scale = sc.T.contiguous()
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(weight.dtype).contiguous())
+        self.num_embeddings, self.embedding_dim = V, D
+        self.bits, self.block = bits, block
+        self.padding_idx = padding_idx
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (what every lookup returns)."""
+        return quant_gather.dequantize_rows(self.codes, self.scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return emit(quant_gather.SPEC, (self.codes, self.scale, ids.to(torch.int64)),
+                        {"bits": self.bits, "block": self.block})
+        return quant_gather.dequantize_rows(self.codes[ids], self.scale[ids])
+
+    def stored_bytes(self) -> int:
+        return self.codes.numel() * self.bits // 8 + tensor_bytes(self.scale)
+
+    def describe(self) -> dict:
+        tag = "int8 per row" if self.bits == 8 else f"w4g{self.block}"
+        return {"kind": self.kind, "rows": self.num_embeddings, "dim": self.embedding_dim, "quant": {"table": tag}}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, " + self.describe()["quant"]["table"]

@@ -29,7 +29,7 @@ from ..progress import track
 
 # sparse step: residual (out x in) -> (dense-shaped sparse part, payload for the layer)
 ALT_ITERS = MethodOption("alt-iters", int, 4, "alternating rounds of whitened SVD and sparse least squares per layer",
-                         min=1)
+                         min=1, max=1000)
 SparseStep = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
 
 

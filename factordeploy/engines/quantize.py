@@ -16,10 +16,9 @@ from pathlib import Path
 
 import onnx
 
+from ..compress.quantize import MODES
 from ..errors import UserError
 from ..export.onnx_files import load_onnx
-
-MODES = ("none", "int8")
 
 
 @dataclass
@@ -37,7 +36,8 @@ class QuantizeResult:
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise UserError(f"unknown --quantize '{mode}'", "use --quantize none or --quantize int8")
+        raise UserError(f"unknown --quantize '{mode}'", "use --quantize " + ", ".join(MODES)
+                        + " (w8/w4/w2: weight-only, every stored factor; int8: ONNX Runtime dynamic int8)")
 
 
 def _const_matmuls(proto: onnx.ModelProto) -> int:
@@ -109,3 +109,21 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
 def _file_bytes(p: Path) -> int:
     data = Path(str(p) + ".data")
     return p.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def exact_nbits_copy(src: str | Path, dst: str | Path) -> bool:
+    """Write `src` with every MatMulNBits at accuracy_level 0 (fp32 compute of the stored codes) to `dst`;
+    False (nothing written) when `src` has no MatMulNBits node above level 0."""
+    proto = load_onnx(src)
+    changed = 0
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            for a in n.attribute:
+                if a.name == "accuracy_level" and a.i != 0:
+                    a.i = 0
+                    changed += 1
+    if not changed:
+        return False
+    external = os.path.exists(str(src) + ".data")
+    onnx.save_model(proto, str(dst), save_as_external_data=external, location=Path(dst).name + ".data")
+    return True

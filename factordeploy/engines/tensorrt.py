@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..ranges import INT32
 from ..export.onnx_files import check_onnx_file
 from ..plugins import register_with_tensorrt
 from .trt_module import RTX, TrtInfo, polygraphy_trt
@@ -45,6 +46,8 @@ class Range3:
             a, b, c = (int(x) for x in text.split(":"))
         except ValueError:
             raise UserError(f"--{what} must be min:opt:max integers, got '{text}'", f"e.g. --{what} 1:8:32") from None
+        if c > INT32:
+            raise UserError(f"--{what} max {c:,} is beyond what TensorRT takes (int32)", f"e.g. --{what} 1:8:32")
         if not (1 <= a <= b <= c):
             raise UserError(f"--{what} needs 1 <= min <= opt <= max, got {text}", f"e.g. --{what} 1:8:32")
         return cls(a, b, c)

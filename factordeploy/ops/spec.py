@@ -146,6 +146,9 @@ class OpSpec:
     - aot (optional): (input TensorDescs, output TensorDescs, attrs, trtp, input dtype names) -> AotKernel, for full
       TensorRT's Quickly Deployable Plugins: the Triton kernel compiled to PTX and embedded in the
       engine, so the engine runs without Python (see plugins/qdp.py).
+    - native: the op needs no plugin: its body uses only ops TensorRT implements itself (QDQ weights),
+      so the TensorRT pipeline inlines the body as the ORT one lowers the node; `launch` is None.
+    - min_opset: the default-domain opset the body needs; the pass that inlines it raises the graph's.
     - example (optional): (scale: int, dtype: torch.dtype, device: str) -> (input tensors, attrs);
       benchmarks/gpu/plugin_contract.py uses it to launch the kernel exactly as enqueue does.
     """
@@ -159,11 +162,14 @@ class OpSpec:
     output_shapes: ShapeRule
     reference: Callable[..., tuple]
     body: BodyFn
-    launch: Callable[[list, list, dict], Launch]
+    launch: Callable[[list, list, dict], Launch] | None
     body_name: str = "standard"
     lowerings: tuple[Lowering, ...] = ()
     cost: Callable[[list, dict], dict[str, float]] | None = None
     ort_flag: str = ""
+    ort_default: str = ""  # the ORT policy when no flag sets one ("" = the first of `policies()`)
+    native: bool = False  # the body is standard ops TensorRT reads natively (e.g. QDQ weights): no plugin
+    min_opset: int = 0  # default-domain opset the body needs (21: blocked DequantizeLinear, INT4)
     local_function: bool = True  # body reads no attributes, so it can ship as a model-local function
     float_types: tuple[str, ...] = FLOAT_TYPES
     aot: Callable[..., "AotKernel"] | None = None  # optional: full TensorRT QDP ahead-of-time path (plugins/qdp.py)
@@ -176,6 +182,8 @@ class OpSpec:
     def __post_init__(self) -> None:
         if len(self.input_types) != len(self.inputs) or len(self.output_types) != len(self.outputs):
             raise ValueError(f"{self.name}: input_types/output_types must match inputs/outputs")
+        if self.launch is None and not self.native:
+            raise ValueError(f"{self.name}: a plugin op needs a kernel launch (only native ops have none)")
 
     @property
     def num_outputs(self) -> int:
@@ -189,7 +197,7 @@ class OpSpec:
         return (("cost",) if self.cost is not None else ()) + self.lowering_names()
 
     def default_policy(self) -> str:
-        return self.policies()[0]
+        return self.ort_default or self.policies()[0]
 
     def attr_values(self, given: dict | None = None) -> dict[str, Any]:
         """Defaults overlaid with `given` (unknown keys ignored), cast to each attribute's kind."""

@@ -44,10 +44,18 @@ def check_policies(policies: dict[str, str] | None) -> dict[str, str]:
     return policies
 
 
-def _prefix(node: gs.Node) -> str:
-    """fd/<layer>/<kind>/<Op>_0 -> fd/<layer>/<kind>: replacement nodes keep mapping to their layer."""
+def _prefix(node: gs.Node, used: set[str] | None = None) -> str:
+    """fd/<layer>/<kind>/<Op>_0 -> fd/<layer>/<kind>: replacement nodes keep mapping to their layer.
+
+    A layer with several custom nodes (e.g. one quantized-matmul node per quantized factor) gets the node's own
+    name from the second one on, so the names stay unique (`used`: prefixes taken in this graph)."""
     name = node.name or f"{node.op}_{node.outputs[0].name}"
-    return name.rsplit("/", 1)[0] if layer_of(name) else name
+    prefix = name.rsplit("/", 1)[0] if layer_of(name) else name
+    if used is not None:
+        if prefix in used:
+            prefix = name
+        used.add(prefix)
+    return prefix
 
 
 def _consts(node: gs.Node) -> list:
@@ -62,11 +70,29 @@ def choose(spec: OpSpec, node: gs.Node, attrs: dict, policy: str) -> tuple[str, 
     return min(costs, key=costs.get), costs
 
 
-def lower_node(spec: OpSpec, node: gs.Node, attrs: dict, how: str) -> list[gs.Node]:
+# ops whose meaning changed between opset 18 and 21 (GroupNormalization's scale/bias shape); a graph
+# holding one cannot simply be relabelled to the newer opset a native op's body needs
+_CHANGED_BY_21 = ("GroupNormalization",)
+
+
+def raise_opset(model: onnx.ModelProto, version: int) -> bool:
+    """Relabel the default-domain opset to `version` (18..21 changed no op used here); True when raised."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < version:
+            bad = sorted({n.op_type for n in model.graph.node if n.op_type in _CHANGED_BY_21 and n.domain in ("", "ai.onnx")})
+            if bad:
+                raise ValueError(f"cannot raise opset {o.version} -> {version}: the graph holds {', '.join(bad)}")
+            o.version = version
+            return True
+    return False
+
+
+def lower_node(spec: OpSpec, node: gs.Node, attrs: dict, how: str, used: set[str] | None = None) -> list[gs.Node]:
+    prefix = _prefix(node, used)
     if how == spec.body_name:
-        return inline(spec, node, attrs, _prefix(node))
+        return inline(spec, node, attrs, prefix)
     lowering = next(lw for lw in spec.lowerings if lw.name == how)
-    return lowering.build(node, attrs, _prefix(node))
+    return lowering.build(node, attrs, prefix)
 
 
 def lower_custom_ops(policies: dict[str, str] | None = None) -> Pass:
@@ -76,11 +102,14 @@ def lower_custom_ops(policies: dict[str, str] | None = None) -> Pass:
     @graph_pass("lower-custom-ops", "replace custom-op nodes by standard ops, per node by the op's cost model")
     def lower(graph: gs.Graph, ctx: PassContext) -> None:
         report: dict[str, dict] = {}
+        used: set[str] = set()
         for node, spec in custom_nodes(graph):
             attrs = spec.attr_values(dict(node.attrs))
             policy = policies.get(spec.name, spec.default_policy())
             how, costs = choose(spec, node, attrs, policy)
-            new = lower_node(spec, node, attrs, how)
+            new = lower_node(spec, node, attrs, how, used)
+            if how == spec.body_name and spec.min_opset:
+                ctx.scratch["min_opset"] = max(ctx.scratch.get("min_opset", 0), spec.min_opset)
             node.outputs.clear()  # the lowering produces them now
             node.inputs.clear()
             graph.nodes.extend(new)
@@ -93,19 +122,54 @@ def lower_custom_ops(policies: dict[str, str] | None = None) -> Pass:
                 "lowering": how, "modelled_us": {n: round(c * 1e6, 2) for n, c in costs.items()}}
         ctx.note("lower-custom-ops", ops=report)
 
+    return _lowering_pass(lower, "lower-custom-ops", lambda spec: True)
+
+
+def _lowering_pass(lower, name: str, selects) -> Pass:
+    """Run a graphsurgeon lowering only when the graph holds a node it selects; afterwards drop unused
+    custom opset imports, declare the contrib domain the lowerings may use, raise the opset bodies need."""
+
     def run(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-        if not any(is_custom_node(n.op_type, n.domain) for n in model.graph.node):
-            ctx.note("lower-custom-ops", ops={})
-            return model  # graphs without custom nodes skip the graphsurgeon round trip
+        if not any(is_custom_node(n.op_type, n.domain) and selects(get_op(n.op_type)) for n in model.graph.node):
+            ctx.note(name, ops={})
+            return model  # graphs without such nodes skip the graphsurgeon round trip
+        ctx.scratch["min_opset"] = 0
         out = lower(model, ctx)
         used = {n.domain for n in out.graph.node}
         ours = {s.domain for s in all_ops().values()}
         keep = [o for o in out.opset_import if o.domain not in ours or o.domain in used]
         del out.opset_import[:]
         out.opset_import.extend(keep)
+        have = {o.domain for o in out.opset_import}
+        for dom in sorted(d for d in used if d and d not in have and d not in ours):
+            out.opset_import.append(onnx.helper.make_opsetid(dom, 1))
+        if ctx.scratch.get("min_opset"):
+            raise_opset(out, ctx.scratch["min_opset"])
         return out
 
-    return Pass(lower.name, run, lower.description)
+    return Pass(name, run, lower.description)
+
+
+@graph_pass("inline-native-ops", "TensorRT graph: native custom ops (standard-op bodies TensorRT reads, e.g. QDQ "
+                                 "weights) replaced by their body")
+def _inline_native(graph: gs.Graph, ctx: PassContext) -> None:
+    done: dict[str, int] = {}
+    used: set[str] = set()
+    for node, spec in custom_nodes(graph):
+        if not spec.native:
+            continue
+        attrs = spec.attr_values(dict(node.attrs))
+        new = lower_node(spec, node, attrs, spec.body_name, used)
+        node.outputs.clear()
+        node.inputs.clear()
+        graph.nodes.extend(new)
+        done[spec.name] = done.get(spec.name, 0) + 1
+        if spec.min_opset:
+            ctx.scratch["min_opset"] = max(ctx.scratch.get("min_opset", 0), spec.min_opset)
+    ctx.note("inline-native-ops", ops=done)
+
+
+inline_native_ops = _lowering_pass(_inline_native, "inline-native-ops", lambda spec: spec.native)
 
 
 @graph_pass("plugin-input-types", "convert constant inputs of plugin nodes to the dtypes their ops declare")

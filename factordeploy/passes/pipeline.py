@@ -27,6 +27,7 @@ class PassContext:
     target: str = "ort"  # "ort" or "trt"
     log: list[dict] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)  # facts one pass hands to its own wrapper (not logged)
 
     def note(self, pass_name: str, **facts: Any) -> None:
         self.info.setdefault(pass_name, {}).update(facts)

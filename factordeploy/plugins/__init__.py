@@ -28,6 +28,8 @@ def register_with_tensorrt(trt: Any) -> list[str]:
     done = _REGISTERED.setdefault(trt.__name__, {})
     names = []
     for spec in all_ops().values():
+        if spec.native:  # standard ops TensorRT implements itself: no plugin to register
+            continue
         if spec.name not in done:
             done[spec.name] = "qdp-aot" if register_qdp(trt, spec) else register_creator(trt, spec)
         names.append(f"{spec.namespace}::{spec.name} v{spec.version}")

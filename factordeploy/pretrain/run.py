@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..outdir import check_writable_folder
 from ..models import text as textmod
 from ..progress import log
 from .arch import ARCHS, PRESETS, llama_config
@@ -63,9 +64,16 @@ class PretrainConfig:
                             "pass more --tokens or a smaller --batch / --seq-len")
         if not 0 < self.delta < 1 or not 0 < self.gamma < 1:
             raise UserError("--delta and --gamma must lie in (0, 1)", "use e.g. --delta 0.03 --gamma 0.5")
+        preset = PRESETS[self.params]
+        if self.rank is not None and self.rank > preset.hidden:
+            raise UserError(f"--rank {self.rank} exceeds the width {preset.hidden} of the {self.params} preset",
+                            f"pass --rank <= {preset.hidden} (default {preset.rank})")
         out = Path(self.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"--out {self.out} exists and is not empty", "choose a new folder or remove it")
+        check_writable_folder(self.out, "--out")
+        if self.checkpoint:
+            check_writable_folder(self.checkpoint, "--checkpoint")
 
 
 @dataclass

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..compress.layers import (ChannelSparseLowRankLinear, DenseSparseLinear, FactorizedLinear, LowRankLinear,
+from ..compress.layers import (ChannelSparseLowRankLinear, DenseLinear, DenseSparseLinear, FactorizedLinear, LowRankLinear,
+                               QuantLowRankLinear,
                                Sparse24Linear, SparseDictLinear, SparsePlusLowRankLinear)
 
 ADAPTERS = ("none", "lora", "lora-ggpo", "wara")
@@ -91,8 +92,13 @@ def factors_of(model: nn.Module, include_dense: bool = False) -> list[Factor]:
             items = [("A", False), ("B", False), ("val", False)]
         elif isinstance(m, ChannelSparseLowRankLinear):
             items = [("A", False), ("B", False), ("Ws", False)]
+        elif isinstance(m, (QuantLowRankLinear, DenseLinear)):
+            items = [("A", False), ("B", False)] if isinstance(m, QuantLowRankLinear) else [("weight", False)]
         elif include_dense and isinstance(m, nn.Linear) and m is not head and not isinstance(m, FactorizedLinear):
             items = [("weight", False)]
+        if isinstance(m, FactorizedLinear):  # quantized factors are frozen codes: adapters train the rest
+            frozen = m.quantized()
+            items = [(n, k) for n, k in items if n not in frozen]
         for name, masked in items:
             p = m._parameters[name] if name in m._parameters else getattr(m, name)
             kind = getattr(m, "kind", "dense")

@@ -36,6 +36,7 @@ from ..compress.objective import final_hidden, hidden_distillation, logit_kd, po
 from ..models.registry import LoadedModel
 from ..progress import log, track
 from ..train import TrainConfig, TrainHooks, train
+from ..train.checkpoint import check_state_folder
 from .adapters import ADAPTERS, AdapterConfig, attach, factors_of
 from .data import RecoveryData, recovery_windows, selection_windows
 
@@ -86,6 +87,8 @@ def check_recovery_config(cfg: RecoveryConfig) -> None:
         raise UserError(f"--recover-lr must be > 0, got {cfg.lr}", "pass e.g. --recover-lr 1e-3")
     if cfg.steps > 0:
         check_recover_data(cfg.data)
+    if cfg.checkpoint:
+        check_state_folder(cfg.checkpoint, "--recover-checkpoint")
 
 
 @dataclass

@@ -122,8 +122,19 @@ class ServedFolder:
     runner: StepRunner
     tokenizer: object
     eos_ids: tuple[int, ...]
+    positions: int | None = None  # the model's position table (config.json), None where unknown
+
+    def check_prompts(self, prompts: list[str] | tuple[str, ...], max_new_tokens: int) -> None:
+        """Every prompt plus --max-new-tokens within the model's positions, before the first is generated."""
+        for prompt in prompts:
+            n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if self.positions is not None and n + max_new_tokens > self.positions:
+                raise UserError(f"a prompt's {n} tokens plus --max-new-tokens {max_new_tokens} exceed the "
+                                f"{self.positions} positions of the model in {self.path}",
+                                f"shorten the prompt or pass --max-new-tokens <= {max(self.positions - n, 1)}")
 
     def generate(self, prompt: str, cfg: SamplingConfig) -> Generation:
+        self.check_prompts([prompt], cfg.max_new_tokens)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         g = generate_ids(self.runner, list(ids), cfg)
         g.text = self.tokenizer.decode(g.new_ids, skip_special_tokens=True)
@@ -158,14 +169,37 @@ def eos_ids_of(folders: list[Path], tokenizer: object) -> tuple[int, ...]:
     return (int(eos),) if eos is not None else ()
 
 
+def max_positions(folder: str | Path) -> int | None:
+    """The position table of the model a build folder holds (its config.json), None where unknown."""
+    import json
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("max_position_embeddings") or cfg.get("n_positions") if isinstance(cfg, dict) else None
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def check_new_tokens(folder: str | Path, max_new_tokens: int) -> None:
+    """--max-new-tokens against the model's positions (prompt tokens come on top)."""
+    pos = max_positions(folder)
+    if pos is not None and max_new_tokens >= pos:
+        raise UserError(f"--max-new-tokens {max_new_tokens} reaches the {pos} positions of the model in {folder}",
+                        f"pass --max-new-tokens < {pos} (the prompt's tokens count too)")
+
+
 def open_folder(path: str | Path, model_file: str = "model.onnx", threads: int = 0) -> ServedFolder:
     """Open a `deploy build` folder (or any folder with a with-past model.onnx and a tokenizer)."""
 
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"build folder not found: {p}", "pass the --out folder of a `deploy build` of a causal LM")
+    if Path(model_file).name != model_file or model_file in (".", ".."):
+        raise UserError(f"--model-file {model_file!r} is not a file name inside {p}",
+                        "pass the name of an ONNX file in the folder, e.g. --model-file model.int8.onnx")
     onnx_path = p / model_file
-    if not onnx_path.exists():
+    if not onnx_path.is_file():
         raise UserError(f"{p} has no {model_file}", "pass the --out folder of a finished `deploy build`")
     runner = OrtStepRunner(onnx_path, threads=threads)
     src = _source_folder(p)
@@ -175,4 +209,4 @@ def open_folder(path: str | Path, model_file: str = "model.onnx", threads: int =
                         "copy the model's tokenizer files into the folder")
     _quiet_transformers()
     tok = load_tokenizer(str(tok_dir))
-    return ServedFolder(p, runner, tok, eos_ids_of([d for d in (p, src) if d is not None], tok))
+    return ServedFolder(p, runner, tok, eos_ids_of([d for d in (p, src) if d is not None], tok), max_positions(p))

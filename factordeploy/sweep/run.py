@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..build import BuildConfig, run_build
+from ..config import check_config, check_model_limits
 from ..compress.base import get_method
 from ..compress.calibration import CalibrationConfig
 from ..engines import ort as ortmod
@@ -112,6 +113,12 @@ def row_from_report(rep: dict, folder: Path) -> dict:
     }
 
 
+def cell_config(cfg: SweepConfig, method: str, ratio: float, cells_dir: Path) -> BuildConfig:
+    return BuildConfig(model=cfg.model, method=method, ratio=ratio, out=str(cells_dir / cell_name(method, ratio)),
+                       seed=cfg.seed, calib=cfg.calib, backend=cfg.backend, calib_cache=str(cells_dir.parent / "calib-cache"),
+                       latency_points=((1, 128),), latency_runs=cfg.latency_runs)
+
+
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     for m in cfg.methods:
         get_method(m)
@@ -122,8 +129,12 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
     cells_dir = out / "cells"
+    # every cell's settings, and the model-dependent limits once config.json is read: all before --out is touched
+    cell_cfgs = [cell_config(cfg, m, r, cells_dir) for m in cfg.methods for r in cfg.ratios]
+    for c in cell_cfgs:
+        check_config(c)
+    loaded = load_model(cfg.model, on_config=lambda shape: [check_model_limits(c, shape) for c in cell_cfgs])
     cells_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(cfg.model)
     scorer = DomainScorer(loaded, cfg)
     rows, built, reused = [], 0, 0
     cells = [(m, r) for m in cfg.methods for r in cfg.ratios]
@@ -144,9 +155,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         same_build = rep is not None and rep["method"]["name"] == method and rep["method"]["ratio"] == ratio
         if not same_build:
             log(f"cell {i}/{len(cells)} {name}: building")
-            rep = run_build(BuildConfig(model=cfg.model, method=method, ratio=ratio, out=str(folder), seed=cfg.seed,
-                                        calib=cfg.calib, backend=cfg.backend, calib_cache=str(out / "calib-cache"),
-                                        latency_points=((1, 128),), latency_runs=cfg.latency_runs)).report.to_dict()
+            rep = run_build(cell_config(cfg, method, ratio, cells_dir)).report.to_dict()
             built += 1
         else:
             log(f"cell {i}/{len(cells)} {name}: build folder finished earlier, scoring it")

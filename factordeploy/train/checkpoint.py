@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..outdir import check_writable_folder
 
 STATE_FILE = "trainer.pt"
 
@@ -79,6 +80,7 @@ def check_state_folder(folder: str | Path, flag: str) -> None:
     p = Path(folder)
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder", f"pass a folder ({STATE_FILE} is written inside it)")
+    check_writable_folder(p, flag)
     path = p / STATE_FILE
     if not path.is_file():
         return

@@ -30,6 +30,7 @@ from ..dictlearn import DictFit, candidate_pairs, fit_dictionary, index_bytes, w
 from ..layers import LowRankLinear, SparseDictLinear
 from ..linalg import gram_factor, whitened_svd
 from ...errors import UserError
+from ...ranges import BLOCKS, WIDEST
 from ...progress import track
 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.*)$")
@@ -86,18 +87,27 @@ class CoSpaDiMethod(Method):
     summary = "sparse dictionary W ~ S D fitted on calibration activations (CoSpaDi), never worse than whitened SVD"
     needs_calibration = True
     options = (
-        MethodOption("atoms", int, None, "dictionary size k (default: chosen per layer within the byte budget)"),
-        MethodOption("sparsity", int, None, "atoms per output neuron s (default: chosen per layer within the budget)"),
+        MethodOption("atoms", int, None, "dictionary size k (default: chosen per layer within the byte budget)", min=1,
+                     limit=WIDEST),
+        MethodOption("sparsity", int, None, "atoms per output neuron s (default: chosen per layer within the budget)",
+                     min=1, limit=WIDEST),
         MethodOption("share", str, "none",
                      "one dictionary per layer, or per group of same-input projections across blocks",
                      choices=("none", "group")),
-        MethodOption("share-blocks", int, 2, "consecutive blocks per shared dictionary (with --share group)"),
-        MethodOption("dict-iters", int, 10, "dictionary-learning iterations per layer (time vs error)"),
+        MethodOption("share-blocks", int, 2, "consecutive blocks per shared dictionary (with --share group)", min=1,
+                     limit=BLOCKS),
+        MethodOption("dict-iters", int, 10, "dictionary-learning iterations per layer (time vs error)", min=1,
+                     max=10_000),
     )
 
     def sequential_unit(self, options: dict) -> int:
         """--share group: the blocks sharing one dictionary are compressed (and reconstructed) together."""
         return int(options.get("share_blocks") or 2) if options.get("share") == "group" else 1
+
+    def check_options(self, options: dict) -> None:
+        atoms, sparsity = options.get("atoms"), options.get("sparsity")
+        if atoms is not None and sparsity is not None and sparsity > atoms:
+            raise UserError(f"--sparsity {sparsity} exceeds --atoms {atoms}", "choose s <= k")
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         atoms, sparsity = ctx.opt("atoms"), ctx.opt("sparsity")

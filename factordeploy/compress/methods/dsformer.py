@@ -40,11 +40,11 @@ from ...progress import track
 from ...train import TrainConfig, train
 from ...train.checkpoint import check_state_folder
 
-STF_STEPS = MethodOption("stf-steps", int, 200, "Straight-Through Factorizer steps (0 = per-layer SVD init only)")
-STF_LR = MethodOption("stf-lr", float, 1e-4, "STF Adam learning rate on the latent factors")
-STF_BATCH = MethodOption("stf-batch", int, 2, "calibration windows per STF step")
-STF_CKPT = MethodOption("stf-checkpoint", str, None, "folder for the resumable STF checkpoint (trainer.pt)")
-STF_SAVE_EVERY = MethodOption("stf-save-every", int, 25, "STF checkpoint interval in steps")
+STF_STEPS = MethodOption("stf-steps", int, 200, "Straight-Through Factorizer steps (0 = per-layer SVD init only)", min=0)
+STF_LR = MethodOption("stf-lr", float, 1e-4, "STF Adam learning rate on the latent factors", min=0.0, min_open=True)
+STF_BATCH = MethodOption("stf-batch", int, 2, "calibration windows per STF step", min=1)
+STF_CKPT = MethodOption("stf-checkpoint", str, None, "folder for the resumable STF checkpoint (trainer.pt)", path="out")
+STF_SAVE_EVERY = MethodOption("stf-save-every", int, 25, "STF checkpoint interval in steps", min=1)
 
 
 def dsformer_bytes(out_f: int, in_f: int, k: int, elem: int = 4) -> int:

@@ -26,8 +26,10 @@ from ...progress import track
 SCORE = MethodOption("score", str, "wanda",
                      "2:4 mask score: |W|, Wanda |W|*||X_col||, or SparseGPT (OBS update with the calibration Hessian)",
                      choices=("magnitude", "wanda", "sparsegpt"))
-BLOCKSIZE = MethodOption("sparsegpt-blocksize", int, 128, "SparseGPT column block size (multiple of 4)")
-DAMP = MethodOption("sparsegpt-damp", float, 0.01, "SparseGPT Hessian damping, as a fraction of the mean diagonal")
+BLOCKSIZE = MethodOption("sparsegpt-blocksize", int, 128, "SparseGPT column block size (multiple of 4)", min=4,
+                         multiple_of=4)
+DAMP = MethodOption("sparsegpt-damp", float, 0.01, "SparseGPT Hessian damping, as a fraction of the mean diagonal",
+                    min=0.0, max=10.0, min_open=True)
 
 
 def magnitude_prune(W: torch.Tensor) -> torch.Tensor:
