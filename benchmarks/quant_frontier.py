@@ -54,11 +54,10 @@ POINTS = {
         "cospadi-0.3+w8=--method cospadi --ratio 0.3 --quantize w8",
     ],
     "smollm2": [
+        "w8+emb4=--method quant-lowrank --bits 8 --lowrank-bytes 0 --quantize-head --embedding-bits 4",
+        "ql4-gptq+emb4=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq --quantize-head --embedding-bits 4",
         "w4-gptq=--method quant-lowrank --bits 4 --lowrank-bytes 0 --quant-algo gptq",
         "ql4-gptq=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq",
-        "w8+emb=--method quant-lowrank --bits 8 --lowrank-bytes 0 --quantize w8 --quantize-head",
-        "ql4-gptq+emb=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq --quantize w8 --quantize-head",
-        "ql4-gptq+emb4=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq --quantize-head --embedding-bits 4",
     ],
 }
 

@@ -46,6 +46,9 @@ class FactorizedLinear(nn.Module):
         self.out_features = out_features
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
+    def _biased(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.bias if self.bias is not None else y
+
     def dense_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -165,7 +168,7 @@ class LowRankLinear(FactorizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.qlinear(self.qlinear(x, "A"), "B")
-        return y + self.bias if self.bias is not None else y
+        return self._biased(y)
 
     def dense_weight(self) -> torch.Tensor:
         return self.B @ self.A
@@ -323,7 +326,7 @@ class Sparse24Linear(_Validated24):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.qlinear(x, "weight")
-        return y + self.bias if self.bias is not None else y
+        return self._biased(y)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight
@@ -371,7 +374,7 @@ class DenseSparseLinear(_Validated24):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.qlinear(self.qlinear(x, "S"), "D")
-        return y + self.bias if self.bias is not None else y
+        return self._biased(y)
 
     def dense_weight(self) -> torch.Tensor:
         return self.D @ self.S
@@ -476,7 +479,7 @@ class SparseDictLinear(FactorizedLinear):
         if torch.onnx.is_in_onnx_export():
             y = emit(self.op, (x, self.D, self.idx, self.val),
                      {"k": self.atoms, "s": self.sparsity, "out_features": self.out_features})
-            return y + self.bias if self.bias is not None else y
+            return self._biased(y)
         return F.linear(F.linear(x, self.D), self.codes(), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
@@ -576,7 +579,7 @@ class SparsePlusLowRankLinear(FactorizedLinear):
                 y = y * self.scale
             y = y + emit(self.op, (x, self.idx, self.val),
                          {"in_features": self.in_features, "out_features": self.out_features})
-            return y + self.bias if self.bias is not None else y
+            return self._biased(y)
         return F.linear(x, self.dense_weight(), self.bias)
 
     def stored_bytes(self) -> int:
@@ -651,7 +654,7 @@ class ChannelSparseLowRankLinear(FactorizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.gamma * self.qlinear(self.qlinear(x, "A"), "B")
         y = y + (1.0 - self.gamma) * self.qlinear(x.index_select(-1, self.channels), "Ws")
-        return y + self.bias if self.bias is not None else y
+        return self._biased(y)
 
     def stored_bytes(self) -> int:
         # + the scalar constants of the exported Muls: gamma and 1 - gamma (one constant when equal)
@@ -689,7 +692,7 @@ class DenseLinear(FactorizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.qlinear(x, "weight")
-        return y + self.bias if self.bias is not None else y
+        return self._biased(y)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight
@@ -730,7 +733,7 @@ class QuantLowRankLinear(FactorizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.qlinear(x, "W") + self.qlinear(self.qlinear(x, "A"), "B")
-        return y + self.bias if self.bias is not None else y
+        return self._biased(y)
 
     def dense_weight(self) -> torch.Tensor:
         return self.W + self.B @ self.A

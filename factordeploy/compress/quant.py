@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops.quant_matmul import dequantize  # the op's own torch reference: one dequantization for torch and graph
+
 BITS = (2, 4, 8)  # what MatMulNBits stores; DequantizeLinear (TensorRT's QDQ weights) 4 and 8
 TRT_BITS = (4, 8)
 ALGOS = ("rtn", "gptq")
@@ -130,14 +132,6 @@ def codes_for(Wkn: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: 
     q = torch.round(Wb * _recip(scale)[:, None, :]) + zero.to(torch.float32)[:, None, :]
     q = q.clamp(0, spec.levels() - 1).reshape(-1, N)[:K]
     return q.to(torch.uint8)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, block: int) -> torch.Tensor:
-    """(q - zero) * scale, K x N float32."""
-    K, N = q.shape
-    s = scale.repeat_interleave(block, 0)[:K]
-    z = zero.to(torch.float32).repeat_interleave(block, 0)[:K]
-    return (q.to(torch.float32) - z) * s
 
 
 def quantize_rtn(Wkn: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -66,10 +66,12 @@ def quantize_residual(R: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | Non
 
 
 def fit_layer(W: torch.Tensor, G: torch.Tensor, spec: QuantSpec, rank: int, rounds: int,
-              lr_spec: QuantSpec | None) -> tuple[QuantizedMatrix, torch.Tensor, torch.Tensor, list[float]]:
-    """The alternating fit; returns (Q, A, B, output error per round) of the best round."""
+              lr_spec: QuantSpec | None, L: torch.Tensor | None = None
+              ) -> tuple[QuantizedMatrix, torch.Tensor, torch.Tensor, list[float]]:
+    """The alternating fit; returns (Q, A, B, output error per round) of the best round.
+    `L`: G's factor (gram_factor(G)) where the caller already has it."""
     W = W.detach().to(torch.float32)
-    L = gram_factor(G)
+    L = gram_factor(G) if L is None else L
     Wd = W.to(torch.float64)
     C = torch.zeros_like(Wd)
     best, errs = None, []
@@ -137,7 +139,7 @@ class QuantLowRankMethod(Method):
             L = gram_factor(G)
             candidates = []
             if r > 0:
-                Q, A, B, errs = fit_layer(W, G, spec, r, int(opts["rounds"]), lr_spec)
+                Q, A, B, errs = fit_layer(W, G, spec, r, int(opts["rounds"]), lr_spec, L)
                 total = Q.stored_bytes() + lowrank_bytes(out_f, in_f, r, lr_spec)
                 new = QuantLowRankLinear(Q, A.to(W.dtype), B.to(W.dtype), layer.bias)
                 if lr_spec is not None:
