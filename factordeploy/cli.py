@@ -122,19 +122,19 @@ def _blockwise_options(f):
     from .compress.sequential import CALIB_MODES
 
     opts = [
-        click.option("--calib-mode", type=click.Choice(list(CALIB_MODES)), default="auto", show_default=True,
+        click.option("--calib-mode", type=Choice(list(CALIB_MODES)), default="auto", show_default=True,
                      help="data-aware methods: calibrate every layer on the original model's activations, or block by "
                           "block on the compressed prefix's outputs (auto = the method's measured default)"),
-        click.option("--reconstruct-steps", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--reconstruct-steps", type=Int(0), default=0, show_default=True,
                      help="after compressing each block: closed-form refit, then N steps fitting the block's compressed "
                           "parameters to the original block's output (0 = off)"),
-        click.option("--reconstruct-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--reconstruct-lr", type=Float(0.0, min_open=True), default=None,
                      help="block reconstruction learning rate [default: 1e-4 for the factors, 1e-3 for adapters]"),
-        click.option("--reconstruct-mix", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+        click.option("--reconstruct-mix", type=Float(0.0, 1.0), default=0.0, show_default=True,
                      help="weight of the term that feeds the ORIGINAL prefix's inputs to the compressed block"),
-        click.option("--reconstruct-adapter", type=click.Choice(list(ADAPTERS)), default="none", show_default=True,
+        click.option("--reconstruct-adapter", type=Choice(list(ADAPTERS)), default="none", show_default=True,
                      help="what block reconstruction trains: the factors themselves (none) or an adapter merged after"),
-        click.option("--reconstruct-checkpoint", type=click.Path(), default=None,
+        click.option("--reconstruct-checkpoint", type=OutPath(), default=None,
                      help="folder for resumable block-reconstruction checkpoints (one per block); rerun to resume"),
     ]
     for o in reversed(opts):
