@@ -11,8 +11,9 @@ Project points: real `deploy build`s (run_build, --backend ort, the build's own 
 --points entry, each `name=deploy build flags`. Every artifact (anchors too) is scored as the ORT file
 itself against the original fp32 torch model, on the in-domain split (wiki) and on out-of-domain text
 no step calibrated on (news, pydoc): MiniLM mean embedding cosine, SmolLM2 perplexity ratio. Decoders
-also get decode tokens/s (`deploy generate`'s loop, batch 1, --threads). Resumable: finished rows are
-kept in the JSON and skipped.
+also get decode tokens/s (`deploy generate`'s loop, batch 1, --threads), and the RACE rows (ORT's w4 / w8 and
+the project's points at equal bytes) are timed again together in one interleaved loop, the figure to compare
+speeds by. Resumable: finished rows are kept in the JSON and skipped.
 
     PYTHONPATH=. python benchmarks/quant_frontier.py --model minilm --calib 32
     PYTHONPATH=. python benchmarks/quant_frontier.py --model smollm2 --calib 32 --points smollm2
@@ -58,8 +59,14 @@ POINTS = {
         "ql4-gptq+emb4=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq --quantize-head --embedding-bits 4",
         "w4-gptq=--method quant-lowrank --bits 4 --lowrank-bytes 0 --quant-algo gptq",
         "ql4-gptq=--method quant-lowrank --bits 4 --lowrank-bytes 0.02 --quant-algo gptq",
+        # the like-for-like decode-speed point: ORT's w4 also quantizes the (tied) LM head's MatMul
+        "w4+head=--method quant-lowrank --bits 4 --lowrank-bytes 0 --quantize-head --embedding-bits 4",
+        "w4-gptq+emb4=--method quant-lowrank --bits 4 --lowrank-bytes 0 --quant-algo gptq --quantize-head --embedding-bits 4",
     ],
 }
+# decoders: these rows' files are kept and raced for decode speed in one interleaved loop (run-to-run noise on
+# a shared 2-core CPU is +-10%, larger than the differences between rows measured at different times)
+RACE = {"smollm2": ("ort-w4", "ort-w4+gather", "ort-w8", "w4+head", "w4-gptq+emb4", "w8+emb4", "ql4-gptq+emb4")}
 
 
 def file_bytes(path: Path) -> int:
@@ -165,6 +172,41 @@ def decode_speed(session, path: Path, threads: int, new_tokens: int = 64) -> flo
     return round(max(g.decode_tokens_per_s for g in runs), 2)
 
 
+def decode_race(session, paths: dict[str, Path], threads: int, rounds: int = 5, new_tokens: int = 64) -> dict[str, dict]:
+    """Decode tokens/s of several files in ONE loop: round r runs every file once (order rotated each round),
+    so a neighbour's load on the shared CPU hits all files alike; median and spread over the rounds."""
+    import statistics
+
+    from factordeploy.models.text import evaluation_articles
+    from factordeploy.serve.generate import SamplingConfig, generate_ids
+    from factordeploy.serve.runners import OrtStepRunner
+
+    prompt = session.loaded.token_ids(evaluation_articles()[:1])[:64]
+    runners = {n: OrtStepRunner(p, threads=threads) for n, p in paths.items()}
+    for r in runners.values():  # warm-up: first-run allocations out of the measurement
+        generate_ids(r, prompt, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    speeds: dict[str, list[float]] = {n: [] for n in runners}
+    names = list(runners)
+    for k in range(rounds):
+        for n in names[k % len(names):] + names[:k % len(names)]:
+            g = generate_ids(runners[n], prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+            speeds[n].append(g.decode_tokens_per_s)
+    return {n: {"median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2),
+                "rounds": rounds} for n, v in speeds.items()}
+
+
+def render_race(race: dict[str, dict], rows: list[dict]) -> str:
+    by = {r["name"]: r for r in rows}
+    ref = race.get("ort-w4", {}).get("median")
+    lines = ["Decode tokens/s, batch 1, one thread, every file in the same interleaved loop (median over rounds; "
+             "min-max in brackets).", "", "| artifact | MB on disk | decode tok/s | vs ort-w4 |", "|---|---:|---:|---:|"]
+    for n, v in sorted(race.items(), key=lambda kv: by[kv[0]]["file_bytes"] if kv[0] in by else 0):
+        mb = by[n]["file_bytes"] / 1e6 if n in by else float("nan")
+        rel = f"{v['median'] / ref:.2f}x" if ref else "-"
+        lines.append(f"| {n} | {mb:.1f} | {v['median']:.1f} ({v['min']:.1f}-{v['max']:.1f}) | {rel} |")
+    return "\n".join(lines)
+
+
 def worst(row: dict, encoder: bool) -> float:
     vals = [row["quality"][d] for d in DOMAINS]
     return min(vals) if encoder else max(vals)
@@ -224,7 +266,9 @@ def plot(rows: list[dict], encoder: bool, path: Path) -> None:
 @click.option("--calib", type=int, default=32, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--out", default=None, help="JSON path [default: benchmarks/results/quant-frontier-<model>.json]")
-def main(model, points, anchors, calib, threads, out):
+@click.option("--race", default=None, help="comma-separated rows raced for decode speed in one loop [default: the model's preset]")
+@click.option("--race-rounds", type=int, default=5, show_default=True)
+def main(model, points, anchors, calib, threads, out, race, race_rounds):
     from factordeploy.compress.calibration import CalibrationConfig
     from factordeploy.pipeline import open_session
     from factordeploy.progress import log
@@ -240,14 +284,19 @@ def main(model, points, anchors, calib, threads, out):
     work.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
 
-    def save(row: dict) -> None:
-        doc["rows"] = [x for x in doc["rows"] if x["name"] != row["name"]] + [row]
+    racers = [n for n in (race.split(",") if race is not None else RACE.get(Path(model).name, ())) if n]
+
+    def save_doc() -> None:
         doc["setup"] = {"model": model, "calib": calib, "threads": threads, "domains": DOMAINS,
                         "metric": "embedding cosine (mean)" if encoder else "perplexity ratio"}
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, out_path)
+
+    def save(row: dict) -> None:
+        doc["rows"] = [x for x in doc["rows"] if x["name"] != row["name"]] + [row]
+        save_doc()
         log(f"{row['name']}: {row['file_bytes'] / 1e6:.1f} MB, {row['quality']}")
 
     def finish(name: str, path: Path, info: dict) -> None:
@@ -269,8 +318,22 @@ def main(model, points, anchors, calib, threads, out):
         folder = work / name.strip().replace("+", "_")
         path, info = project_point(model, flags, calib, folder)
         finish(name.strip(), path, {"flags": flags.strip(), **info})
-        shutil.rmtree(folder, ignore_errors=True)
+        if name.strip() not in racers:
+            shutil.rmtree(folder, ignore_errors=True)
     table = render(doc["rows"], encoder)
+    if not encoder and racers:
+        paths = {n: (original if n == "original" else work / f"{n}.onnx") if n in ANCHORS
+                 else work / n.replace("+", "_") / "model.onnx" for n in racers}
+        missing = [n for n, p in paths.items() if not p.exists()]
+        if missing:  # a point scored by an earlier run whose file was not kept: build it again for the race
+            log(f"race: rebuilding {missing} (files not kept by the run that scored them)")
+            for spec in specs:
+                name, _, flags = spec.partition("=")
+                if name.strip() in missing:
+                    project_point(model, flags, calib, paths[name.strip()].parent)
+        doc["race"] = decode_race(session, {n: p for n, p in paths.items() if p.exists()}, threads, race_rounds)
+        save_doc()
+        table += "\n\n" + render_race(doc["race"], doc["rows"])
     print(table)
     out_path.with_suffix(".md").write_text(table + "\n")
     plot(doc["rows"], encoder, out_path.with_suffix(".png"))
