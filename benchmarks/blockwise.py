@@ -38,7 +38,12 @@ VARIANTS = {
     "sltrain largest": ("sltrain", {"support": "largest"}),
     "lost": ("lost", {}),
     "svd": ("svd", {}),
+    # quantized forms (issue 20) calibrate too: GPTQ on the Grams, the correction on the whitened residual
+    "w4-gptq": ("quant-lowrank", {"bits": 4, "lowrank_bytes": 0.0}, {"quant_algo": "gptq"}),
+    "ql4-gptq": ("quant-lowrank", {"bits": 4, "lowrank_bytes": 0.02}, {"quant_algo": "gptq"}),
+    "ql2-gptq": ("quant-lowrank", {"bits": 2, "lowrank_bytes": 0.05}, {"quant_algo": "gptq"}),
 }
+FIXED_BYTES = {"w4-gptq", "ql4-gptq", "ql2-gptq"}  # bytes follow from bits and rank, not from --ratio
 FIXED_RATIO = {"sparse24 sparsegpt", "sparse24 wanda"}
 
 
@@ -80,7 +85,7 @@ def main(model, ratios, methods, modes, steps_s, lr, mix, calib, calib_len, ppl_
     done = {key(r) for r in data["rows"]}
     ratios_l = [float(x) for x in ratios.split(",")]
     todo = [(v, r, m, int(s)) for v in [x.strip() for x in methods.split(",")]
-            for r in (ratios_l[:1] if v in FIXED_RATIO else ratios_l)
+            for r in (ratios_l[:1] if v in FIXED_RATIO | FIXED_BYTES else ratios_l)
             for m in modes.split(",") for s in steps_s.split(",")
             if (v, r, m, int(s), lr if int(s) else None, mix if int(s) else 0.0) not in done]
     if not todo:
@@ -94,10 +99,10 @@ def main(model, ratios, methods, modes, steps_s, lr, mix, calib, calib_len, ppl_
     data["original"] = orig
     data["eval"] = {"ppl_windows": ppl_windows, "sentences": sentences}
     for variant, ratio, mode, steps in todo:
-        method, opts = VARIANTS[variant]
+        method, opts, *build = VARIANTS[variant]
         bw = BlockwiseConfig(mode, ReconstructConfig(steps=steps, lr=lr, mix=mix))
         log(f"== {model} {variant} @ {ratio}: calib {mode}, reconstruct {steps}")
-        m, result, dt = compress_copy(session, method, ratio, opts, bw)
+        m, result, dt = compress_copy(session, method, ratio, opts, bw, build[0] if build else None)
         t0 = time.perf_counter()
         q = probe.score(m)
         rec = result.extra.get("blockwise", {}).get("reconstruction", [])

@@ -35,6 +35,7 @@ from factordeploy.compress.linalg import output_error
 from factordeploy.compress.methods.sparse24 import sparsegpt_prune
 from factordeploy.models.registry import cache_dir
 from factordeploy.pipeline import Session, compress_copy, open_session
+from factordeploy.recover.blockwise import BlockwiseConfig
 from factordeploy.progress import log, set_quiet
 from factordeploy.verify.quality import DomainProbe, EvalConfig
 
@@ -280,11 +281,14 @@ def main(calib: int, calib_len: int, ppl_windows: int, peer_pipelines: str, bloc
                                "targets": len(targets)}, "rows": []}
     windows, digest = write_windows(session, work)
     data["settings"]["windows_sha256_16"] = digest
-    log("ours: sparse24 --score sparsegpt")
-    ours, _, dt = compress_copy(session, "sparse24", 0.5, {"score": "sparsegpt", "sparsegpt_blocksize": blocksize,
-                                                           "sparsegpt_damp": damp})
-    data["rows"].append({"label": "ours (sparse24 sparsegpt)", "quality": probe.score(ours), "prune_s": round(dt, 1),
-                         "structure": structure(loaded.model, ours, targets)})
+    ours = None
+    for mode in ("original", "sequential"):  # sequential = llm-compressor's default pipeline, and ours (issue 21)
+        log(f"ours: sparse24 --score sparsegpt --calib-mode {mode}")
+        m, _, dt = compress_copy(session, "sparse24", 0.5, {"score": "sparsegpt", "sparsegpt_blocksize": blocksize,
+                                                            "sparsegpt_damp": damp}, BlockwiseConfig(mode))
+        data["rows"].append({"label": f"ours (sparse24 sparsegpt, --calib-mode {mode})", "quality": probe.score(m),
+                             "prune_s": round(dt, 1), "structure": structure(loaded.model, m, targets)})
+        ours = m if mode == "original" else ours  # the diagnosis compares the one-pass Hessians
     peers: dict[str, nn.Module] = {}
     for p in pipelines:
         f = work / f"peer-{Path(loaded.source).name}-{digest}-{p}-b{blocksize}-d{damp:g}.safetensors"

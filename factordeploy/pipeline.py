@@ -83,12 +83,16 @@ class VariantResult:
 
 
 def compress_copy(session: Session, method: str, ratio: float, options: dict[str, Any] | None = None,
-                  blockwise: BlockwiseConfig | None = None) -> tuple[torch.nn.Module, CompressResult, float]:
+                  blockwise: BlockwiseConfig | None = None,
+                  build: dict[str, Any] | None = None) -> tuple[torch.nn.Module, CompressResult, float]:
     """The compress stage on a deep copy of the session's original model (the original is never touched);
-    `blockwise`: --calib-mode / --reconstruct-* (default: the build's defaults)."""
+    `blockwise`: --calib-mode / --reconstruct-* (default: the build's defaults); `build`: other BuildConfig
+    fields the method reads (e.g. {"quant_algo": "gptq"} for quant-lowrank)."""
     v = session.state.variant(method, ratio, method_options(method, options))
     if blockwise is not None:
         v.cfg = dataclasses.replace(v.cfg, blockwise=blockwise)
+    if build:
+        v.cfg = dataclasses.replace(v.cfg, **build)
     torch.manual_seed(session.state.cfg.seed)
     t0 = time.perf_counter()
     st.compress(v)

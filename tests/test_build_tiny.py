@@ -98,12 +98,14 @@ def test_benchmark_pipeline_runs_the_build_stages_on_copies(tiny_bert_dir):
     import torch
 
     from factordeploy.pipeline import compress_and_score, open_session
+    from factordeploy.recover.blockwise import BlockwiseConfig
     from factordeploy.verify.quality import EvalConfig
 
     s = open_session(str(tiny_bert_dir), CalibrationConfig(n=2, length=16), eval_cfg=EvalConfig(sentences=16, batch=16))
     before = {k: v.clone() for k, v in s.loaded.model.state_dict().items()}
     plain = compress_and_score(s, "svd", 0.5)
-    whitened = compress_and_score(s, "svd-whiten", 0.5)  # calibration statistics come from the shared session
+    # --calib-mode original: the layer Grams come from the shared session (sequential ones are per block)
+    whitened = compress_and_score(s, "svd-whiten", 0.5, blockwise=BlockwiseConfig("original"))
     assert all(torch.equal(before[k], t) for k, t in s.loaded.model.state_dict().items())  # original untouched
     # 2 blocks x (4 x 64x64 attention + 64x128 + 128x64 FFN) fp32 weights
     assert plain.result.bytes_before == whitened.result.bytes_before == 2 * (4 * 64 * 64 + 2 * 64 * 128) * 4
