@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -129,11 +130,23 @@ def allocate_by_error(curves: dict[str, torch.Tensor], shapes: dict[str, tuple[i
         byts = torch.cat([torch.tensor([o * i * elem], dtype=torch.float64), (r * (o + i) * elem).to(torch.float64)])
         opts[n] = (errs, byts)
 
+    lam, ranks, total, err = lagrangian(opts, budget, iters)
+    ranks, total, err = _greedy_fill(ranks, opts, budget, total, err, _next_rank)
+    return ErrorAllocation(ranks, lam, total, budget, err)
+
+
+Options = dict[str, tuple[torch.Tensor, torch.Tensor]]  # per layer: (errors, bytes) of its candidate forms
+
+
+def lagrangian(opts: Options, budget: int, iters: int = 80) -> tuple[float, dict[str, int], int, float]:
+    """Each layer takes argmin_j e_j + lam * bytes_j; lam bisected (log scale) to the smallest value whose
+    choices fit `budget`. Returns (lam, choice per layer, total bytes, summed error); ValueError when even
+    the cheapest choices do not fit."""
     def pick(lam: float) -> tuple[dict[str, int], int, float]:
         ranks, total, err = {}, 0, 0.0
         for n, (errs, byts) in opts.items():
             j = int(torch.argmin(errs + lam * byts))
-            ranks[n] = j  # 0 = dense, else the rank
+            ranks[n] = j
             total += int(byts[j])
             err += float(errs[j])
         return ranks, total, err
@@ -149,37 +162,69 @@ def allocate_by_error(curves: dict[str, torch.Tensor], shapes: dict[str, tuple[i
             hi, ranks, total, err = mid, r, t, e
         else:
             lo = mid
-    ranks, total, err = _greedy_fill(ranks, opts, budget, total, err)
-    return ErrorAllocation(ranks, 10.0 ** hi, total, budget, err)
+    return 10.0 ** hi, ranks, total, err
 
 
-def _greedy_fill(ranks: dict[str, int], opts: dict, budget: int, total: int, err: float
-                 ) -> tuple[dict[str, int], int, float]:
+@dataclass
+class ChoiceAllocation:
+    """A multiple-choice knapsack solution: one candidate index per layer."""
+
+    choice: dict[str, int]
+    lam: float
+    bytes_after: int
+    bytes_budget: int
+    error: float
+
+
+def allocate_choices(opts: Options, budget: int, iters: int = 80) -> ChoiceAllocation:
+    """One candidate per layer minimising the summed error within `budget` bytes: the Lagrangian of
+    `allocate_by_error`, then the leftover bytes spent greedily on the upgrade (any candidate with a lower
+    error) of largest error decrease per byte. `opts[name] = (errors, bytes)`, one entry per candidate."""
+    lam, choice, total, err = lagrangian(opts, budget, iters)
+    choice, total, err = _greedy_fill(choice, opts, budget, total, err, _any_better)
+    return ChoiceAllocation(choice, lam, total, budget, err)
+
+
+def _next_rank(errs: torch.Tensor, j: int) -> list[int]:
+    """Rank curves: one more rank, or dense (slot 0) after the last rank; dense has no upgrade."""
+    return [] if j == 0 else [j + 1 if j + 1 < len(errs) else 0]
+
+
+def _any_better(errs: torch.Tensor, j: int) -> list[int]:
+    return [k for k in range(len(errs)) if k != j]
+
+
+def _greedy_fill(ranks: dict[str, int], opts: Options, budget: int, total: int, err: float,
+                 upgrades: Callable[[torch.Tensor, int], list[int]]) -> tuple[dict[str, int], int, float]:
+    """Spend what the Lagrangian left unused: repeatedly take the fitting upgrade (`upgrades(errs, j)`:
+    the slots a layer at slot j may move to) of largest error decrease per byte."""
     import heapq
 
     ranks = dict(ranks)
 
-    def step(n: str):  # (gain per byte, cost, next slot) of one more rank (or dense after the last rank)
+    def step(n: str):  # (-gain per byte, cost, next slot) of this layer's best upgrade that still fits
         errs, byts = opts[n]
-        j = ranks[n]
-        if j == 0:
-            return None  # dense already
-        nxt = j + 1 if j + 1 < len(errs) else 0
-        cost = int(byts[nxt] - byts[j])
-        gain = float(errs[j] - errs[nxt])
-        return (-(gain / max(cost, 1)), cost, nxt) if gain > 0 and cost > 0 else None
+        j, best = ranks[n], None
+        for k in upgrades(errs, j):
+            cost = int(byts[k] - byts[j])
+            gain = float(errs[j] - errs[k])
+            if gain > 0 and cost > 0 and total + cost <= budget:
+                s = (-(gain / cost), cost, k)
+                best = s if best is None or s < best else best
+        return best
 
     heap = [(s[0], n, s[1], s[2]) for n in ranks if (s := step(n)) is not None]
     heapq.heapify(heap)
     while heap:
         g, n, cost, nxt = heapq.heappop(heap)
-        if total + cost > budget:
+        if total + cost > budget:  # the budget left shrank since this upgrade was scored
+            if (s := step(n)) is not None:
+                heapq.heappush(heap, (s[0], n, s[1], s[2]))
             continue
         errs = opts[n][0]
         err += float(errs[nxt] - errs[ranks[n]])
         total += cost
         ranks[n] = nxt
-        s = step(n)
-        if s is not None:
+        if (s := step(n)) is not None:
             heapq.heappush(heap, (s[0], n, s[1], s[2]))
     return ranks, total, err

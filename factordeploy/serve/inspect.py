@@ -29,6 +29,15 @@ def layer_summary(layers: list[dict]) -> list[dict]:
     return rows
 
 
+def form_summary(layers: list[dict]) -> dict[str, int]:
+    """Layers per chosen form, where the method records one per layer (`--method auto`: form, rank, bits)."""
+    forms: dict[str, int] = defaultdict(int)
+    for lay in layers:
+        if "form" in lay.get("metrics", {}):
+            forms[lay["metrics"]["form"]] += 1
+    return dict(sorted(forms.items()))
+
+
 def summarize(bf: BuildFolder) -> dict:
     r = bf.report
     files = {p.name: p.stat().st_size for p in sorted(bf.path.iterdir()) if p.is_file()}
@@ -45,6 +54,7 @@ def summarize(bf: BuildFolder) -> dict:
         "model": r["model"], "method": {k: r["method"].get(k) for k in ("name", "ratio", "options")},
         "size": r["size"],
         "layers": layer_summary(r.get("layers", [])),
+        "forms": form_summary(r.get("layers", [])),
         "files": files,
         "graph": {"nodes": len(graph.graph.node), "factorized_layers_in_graph": len(named),
                   "factorized_layers_in_report": expected,
@@ -78,6 +88,8 @@ def render(s: dict) -> str:
                            if isinstance(v, dict))
         lines.append(f"  {row['kind']:<12} {row['layers']:>3} layers  {_mb(row['bytes_before'])} -> "
                      f"{_mb(row['bytes_after'])}" + (f"  {params}" if params else ""))
+    if s.get("forms"):
+        lines.append("forms: " + ", ".join(f"{k} x{v}" for k, v in s["forms"].items()))
     g = s["graph"]
     lines.append(f"graph: {g['nodes']} nodes, {g['factorized_layers_in_graph']} factorized layers named in model.onnx "
                  f"(report: {g['factorized_layers_in_report']})" + ("" if g["consistent"] else "  INCONSISTENT"))
