@@ -164,7 +164,7 @@ def input_paths(cfg: BuildConfig) -> list[str]:
 
 
 def uses_quant_settings(cfg: BuildConfig) -> bool:
-    return cfg.quantize in WEIGHT_ONLY or cfg.method == "quant-lowrank"
+    return cfg.quantize in WEIGHT_ONLY or cfg.method in ("quant-lowrank", "auto")
 
 
 def check_quant_config(cfg: BuildConfig) -> None:
