@@ -288,7 +288,8 @@ def main(calib: int, calib_len: int, ppl_windows: int, peer_pipelines: str, bloc
                                                             "sparsegpt_damp": damp}, BlockwiseConfig(mode))
         data["rows"].append({"label": f"ours (sparse24 sparsegpt, --calib-mode {mode})", "quality": probe.score(m),
                              "prune_s": round(dt, 1), "structure": structure(loaded.model, m, targets)})
-        ours = m if mode == "original" else ours  # the diagnosis compares the one-pass Hessians
+        if mode == "original":  # the diagnosis compares the one-pass Hessians
+            ours = m
     peers: dict[str, nn.Module] = {}
     for p in pipelines:
         f = work / f"peer-{Path(loaded.source).name}-{digest}-{p}-b{blocksize}-d{damp:g}.safetensors"

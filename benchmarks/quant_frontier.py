@@ -160,13 +160,19 @@ def score(session, path: Path, cache: dict) -> dict:
     return out
 
 
-def decode_speed(session, path: Path, threads: int, new_tokens: int = 64) -> float:
+def decode_prompt(session) -> list[int]:
+    """The 64-token prompt every decode timing starts from (the first evaluation article)."""
     from factordeploy.models.text import evaluation_articles
+
+    return session.loaded.token_ids(evaluation_articles()[:1])[:64]
+
+
+def decode_speed(session, path: Path, threads: int, new_tokens: int = 64) -> float:
     from factordeploy.serve.generate import SamplingConfig, generate_ids
     from factordeploy.serve.runners import OrtStepRunner
 
     runner = OrtStepRunner(path, threads=threads)
-    prompt = session.loaded.token_ids(evaluation_articles()[:1])[:64]
+    prompt = decode_prompt(session)
     generate_ids(runner, prompt, SamplingConfig(max_new_tokens=4, ignore_eos=True))
     runs = [generate_ids(runner, prompt, SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)) for _ in range(2)]
     return round(max(g.decode_tokens_per_s for g in runs), 2)
@@ -177,11 +183,10 @@ def decode_race(session, paths: dict[str, Path], threads: int, rounds: int = 5, 
     so a neighbour's load on the shared CPU hits all files alike; median and spread over the rounds."""
     import statistics
 
-    from factordeploy.models.text import evaluation_articles
     from factordeploy.serve.generate import SamplingConfig, generate_ids
     from factordeploy.serve.runners import OrtStepRunner
 
-    prompt = session.loaded.token_ids(evaluation_articles()[:1])[:64]
+    prompt = decode_prompt(session)
     runners = {n: OrtStepRunner(p, threads=threads) for n, p in paths.items()}
     for r in runners.values():  # warm-up: first-run allocations out of the measurement
         generate_ids(r, prompt, SamplingConfig(max_new_tokens=4, ignore_eos=True))

@@ -119,8 +119,6 @@ def check_config(cfg: BuildConfig) -> None:
     check_attention(cfg.attention_config())
     if cfg.calib_cache:
         check_writable_folder(cfg.calib_cache, "--calib-cache")
-    if cfg.blockwise.reconstruct.checkpoint:
-        check_writable_folder(cfg.blockwise.reconstruct.checkpoint, "--reconstruct-checkpoint")
     if cfg.calib.text_file is not None:
         read_text_input(cfg.calib.text_file, "--calib-data")
     check_out(cfg.out, cfg.overwrite, input_paths(cfg))

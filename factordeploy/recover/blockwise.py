@@ -40,6 +40,7 @@ from ..compress.sequential import UnitData, run_blocks
 from ..errors import UserError
 from ..progress import log
 from ..train import TrainConfig, TrainHooks, train
+from ..train.checkpoint import check_state_folder
 from .adapters import ADAPTERS, AdapterConfig, attach
 
 DEFAULT_LR = {"none": 1e-4}
@@ -71,8 +72,8 @@ def check_reconstruct_config(cfg: ReconstructConfig) -> None:
         raise UserError(f"--reconstruct-mix must be within [0, 1], got {cfg.mix}", "pass e.g. --reconstruct-mix 0.25")
     if cfg.adapter not in ADAPTERS:
         raise UserError(f"unknown --reconstruct-adapter '{cfg.adapter}'", "use one of " + ", ".join(ADAPTERS))
-    if cfg.checkpoint and Path(cfg.checkpoint).exists() and not Path(cfg.checkpoint).is_dir():
-        raise UserError(f"--reconstruct-checkpoint {cfg.checkpoint} is not a folder", "pass a folder path")
+    if cfg.checkpoint:  # a folder of per-unit trainer states: checked like --recover-checkpoint
+        check_state_folder(cfg.checkpoint, "--reconstruct-checkpoint")
 
 
 def _rel(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
