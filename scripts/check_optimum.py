@@ -168,7 +168,7 @@ def _generate_speed(model, ids: np.ndarray, new_tokens: int, threads: int) -> di
     model.generate(**kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     dt = time.perf_counter() - t0
     return {"prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens, "threads": threads or "ort default",
-            "seconds": round(dt, 3), "tokens_per_s": round(new_tokens / dt, 2)}
+            "seconds": round(dt, 6), "tokens_per_s": round(new_tokens / dt, 2)}
 
 
 def main() -> int:
