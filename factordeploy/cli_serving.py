@@ -118,9 +118,11 @@ def echo_repository(repo, manifest: dict) -> None:
 @click.option("--seed", type=Int(0, SEED_MAX), default=0, show_default=True)
 @click.option("--calib", type=Int(1), default=128, show_default=True, help="calibration samples (shared by all cells)")
 @click.option("--calib-len", type=Int(8), default=128, show_default=True, help="tokens per calibration sample")
+@click.option("--calib-mode", type=Choice(["auto", "original", "sequential"]), default="auto", show_default=True,
+              help="auto = each method's default; original = every cell shares one store of calibration statistics")
 @click.option("--backend", type=Choice(["auto", "trt", "trt-rtx", "ort"]), default="ort", show_default=True)
 @click.option("--quiet", is_flag=True, help="no progress output")
-def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, backend, quiet) -> None:
+def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, calib_mode, backend, quiet) -> None:
     """Build every METHOD x RATIO cell of MODEL; write a table (Markdown + JSON) and Pareto plots (PNG)."""
     from .compress.calibration import CalibrationConfig
     from .progress import set_quiet
@@ -139,7 +141,7 @@ def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, backend, quie
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
     res = run_sweep(SweepConfig(model=model, methods=ms, ratios=rs, out=out, seed=seed, backend=backend,
-                                calib=CalibrationConfig(n=calib, length=calib_len, seed=seed)))
+                                calib_mode=calib_mode, calib=CalibrationConfig(n=calib, length=calib_len, seed=seed)))
     click.echo(f"sweep {out}: {len(res.rows)} cells ({res.built} built now, {res.reused} reused); "
                f"table {res.table_md}; plots {', '.join(str(p) for p in res.plots)}")
 

@@ -15,8 +15,8 @@ from factordeploy.verify.domains import DomainSample
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _cfg(model, out, methods, ratios):
-    return SweepConfig(model=str(model), methods=methods, ratios=ratios, out=str(out),
+def _cfg(model, out, methods, ratios, calib_mode="original"):
+    return SweepConfig(model=str(model), methods=methods, ratios=ratios, out=str(out), calib_mode=calib_mode,
                        calib=CalibrationConfig(n=8, length=32, seed=0), sample=DomainSample(sentences=16),
                        latency_runs=3, latency_rounds=1)
 
@@ -62,6 +62,19 @@ def test_sweep_builds_resumes_and_shares_calibration(tiny_bert_dir, tmp_path):
     assert rep["calibration"]["stats_store"]["grams_reused"] > 0
     new = next(r for r in more.rows if r["cell"] == "svd-whiten_r0.35")
     assert new["calibration_reused"] > 0 and new["targeted_reduction"] < 0.5
+
+
+def test_sweep_default_calibrates_sequential_cells_themselves(tiny_bert_dir, tmp_path):
+    """auto = each method's measured default: svd-whiten calibrates block by block on the compressed prefix
+    (no shared Grams to store), plain svd stays one-shot; a sweep-wide `sequential` skips data-free methods."""
+    out = tmp_path / "sweep"
+    res = run_sweep(_cfg(tiny_bert_dir, out, ("svd", "svd-whiten"), (0.5,), calib_mode="auto"))
+    assert res.built == 2
+    rep = lambda c: json.loads((out / "cells" / c / "report.json").read_text())  # noqa: E731
+    assert rep("svd-whiten_r0.5")["method"]["extra"]["blockwise"]["calib_mode"] == "sequential"
+    assert "blockwise" not in rep("svd_r0.5")["method"].get("extra", {})
+    seq = run_sweep(_cfg(tiny_bert_dir, tmp_path / "seq", ("svd",), (0.5,), calib_mode="sequential"))
+    assert seq.built == 1
 
 
 def test_sweep_rejects_bad_input(tiny_bert_dir, tmp_path):

@@ -5,7 +5,9 @@ cell's row (config, figures from the build's report, domain quality), written at
 the cell is scored. A re-run keeps every cell whose row matches the requested config, re-scores a
 finished build folder whose row is missing, and builds the rest. Calibration statistics (Gram
 matrices, Fisher, reference embeddings) are stored in OUT/calib-cache keyed by model + calibration
-config, so they are collected once per model for all cells (build.BuildConfig.calib_cache).
+config, so they are collected once per model for all cells (build.BuildConfig.calib_cache) when
+the cells calibrate on the original model (`calib_mode="original"`); sequential cells (the default
+of the methods that measured better that way) collect their own, block by block.
 
 Quality per cell is measured on model.onnx (the served artifact, through ONNX Runtime) against
 the ORIGINAL model on wiki (held-out, in domain) and news / pydoc (out of domain: never
@@ -28,6 +30,7 @@ from ..errors import UserError
 from ..models.registry import LoadedModel, load_model
 from ..models.text import DOMAINS
 from ..progress import log
+from ..recover.blockwise import BlockwiseConfig
 from ..verify.domains import DomainSample, decoder_agreement, encoder_agreement
 from ..engines.ort_model import OrtModel
 
@@ -45,6 +48,9 @@ class SweepConfig:
     sample: DomainSample = field(default_factory=DomainSample)
     latency_runs: int = 20  # each build's own latency stage
     latency_rounds: int = 10  # the sweep's interleaved measurement of all cells (what the plots use)
+    # auto = each method's default (sequential for svd-whiten, cospadi, sparse24, quant-lowrank: their
+    # statistics depend on the compressed prefix, so each cell calibrates itself); original = one shared store
+    calib_mode: str = "auto"
 
 
 @dataclass
@@ -114,9 +120,13 @@ def row_from_report(rep: dict, folder: Path) -> dict:
 
 
 def cell_config(cfg: SweepConfig, method: str, ratio: float, cells_dir: Path) -> BuildConfig:
+    m = get_method(method)
+    # a sweep-wide `sequential` applies to the cells whose method calibrates block-wise; the others keep their own
+    mode = cfg.calib_mode if cfg.calib_mode != "sequential" or (m.blockwise and m.uses_calibration({})) else "auto"
     return BuildConfig(model=cfg.model, method=method, ratio=ratio, out=str(cells_dir / cell_name(method, ratio)),
                        seed=cfg.seed, calib=cfg.calib, backend=cfg.backend, calib_cache=str(cells_dir.parent / "calib-cache"),
-                       latency_points=((1, 128),), latency_runs=cfg.latency_runs)
+                       latency_points=((1, 128),), latency_runs=cfg.latency_runs,
+                       blockwise=BlockwiseConfig(mode))
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:

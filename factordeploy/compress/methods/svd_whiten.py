@@ -19,6 +19,7 @@ from .svd import LowRankMethod, _tail_curve, error_metrics
 @register
 class SVDWhitenMethod(LowRankMethod):
     name = "svd-whiten"
+    default_calib_mode = "sequential"  # measured better (issue 21): SmolLM2 0.2: 14.5x -> 10.4x; MiniLM 0.5: 0.625 -> 0.634
     summary = "activation-aware SVD: SVD of W L with L L^T = X^T X (calibration Gram), un-whitened"
     needs_calibration = True
 
