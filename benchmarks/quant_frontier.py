@@ -141,6 +141,9 @@ def project_point(model: str, flags: str, calib: int, out: Path) -> tuple[Path, 
     info = {"build_s": round(dt, 1), "targeted_bytes_ratio": round(1 - rep["size"]["targeted_reduction"], 4),
             "check_max_abs": rep["fidelity"]["max_abs"], "check_passed": rep["fidelity"]["passed"],
             "deployed_check": q.get("fidelity", {}).get("passed")}
+    extra = rep["method"].get("extra") or {}
+    if "plan" in extra:  # --method auto: the forms chosen, and the held-out check between plans
+        info["auto"] = {k: extra.get(k) for k in ("plan", "forms", "held_out", "chosen_bytes", "budget_bytes")}
     return out / "model.onnx", info
 
 

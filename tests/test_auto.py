@@ -96,7 +96,7 @@ def test_exactly_rank2_layer_is_stored_low_rank():
         model[1].weight.copy_(torch.randn(64, 2) @ torch.randn(2, 64))
     targets = ["0", "1", "2"]
     ctx = CompressContext(ratio=0.5, options={"budget": 0.12, "forms": DEFAULT_FORMS, "rank_steps": 2,
-                                              "correction_rounds": 1},
+                                              "correction_rounds": 1, "weighting": "relative", "select_windows": 0},
                           calibration=_Grams({n: _gram(64, i) for i, n in enumerate(targets)}))
     res = get_method("auto").compress(model, targets, ctx)
     rec = {r.name: r for r in res.layers}
@@ -104,6 +104,88 @@ def test_exactly_rank2_layer_is_stored_low_rank():
     # the cheapest dense quantized form (w4: 2560 bytes) is 2.5x an exact rank-2 low-rank (<= 1024 bytes)
     assert m["family"] == "lowrank" and m["rank"] >= 2 and m["predicted_output_rel_error"] < 1e-4, m
     assert res.bytes_after <= int(0.12 * 3 * 64 * 64 * 4)
+
+
+class _Calib(_Grams):
+    """Grams + batches + a cache: what output_sensitivity reads from a Calibration."""
+
+    def __init__(self, grams, xs):
+        super().__init__(grams)
+        self.xs, self.cache = xs, {}
+
+    def batches(self):
+        return iter(self.xs)
+
+    def num_batches(self):
+        return len(self.xs)
+
+
+class _SquaredError:
+    """loss = 0.5 * ||model(x) - t||^2 summed: dL/dy of the model's output is y - t."""
+
+    kind = "decoder"
+
+    def __init__(self, targets):
+        self.t = targets
+
+    def loss(self, model, i, x, sample_targets=None):
+        return 0.5 * ((model(x) - self.t[i]) ** 2).sum()
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.a, self.b, self.scale = nn.Linear(32, 16), nn.Linear(32, 16), scale
+
+    def forward(self, x):
+        return self.scale * self.a(x) + self.b(x)
+
+
+def test_output_sensitivity_is_the_mean_squared_output_gradient():
+    from factordeploy.compress.fisher import output_sensitivity
+
+    torch.manual_seed(0)
+    model = _TwoBranches(3.0)
+    xs, ts = [torch.randn(5, 32) for _ in range(3)], [torch.randn(5, 16) for _ in range(3)]
+    g2 = output_sensitivity(model, ["a", "b"], _Calib({}, xs), _SquaredError(ts))
+    with torch.no_grad():
+        r = torch.cat([model(x) - t for x, t in zip(xs, ts)]).to(torch.float64)  # dL/dy of the sum
+    torch.testing.assert_close(g2["b"], (r ** 2).mean(0))
+    torch.testing.assert_close(g2["a"], 9.0 * (r ** 2).mean(0))  # d(3 a(x))/d a(x) = 3
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # no weight gradients left
+
+
+def test_fisher_weighting_gives_the_bits_to_the_layer_the_loss_feels(monkeypatch):
+    """Two layers with the same weight and Gram; the loss sees `a` at 10x. At a budget for one w8 and one w4,
+    fisher weighting stores `a` at 8 bits; relative error cannot tell them apart."""
+    torch.manual_seed(0)
+    model = _TwoBranches(10.0)
+    with torch.no_grad():
+        model.b.weight.copy_(model.a.weight)
+    xs = [torch.randn(64, 32) for _ in range(2)]
+    G = sum(x.T.to(torch.float64) @ x.to(torch.float64) for x in xs)
+    ts = [torch.randn(64, 16) for _ in range(2)]
+    spec = QuantSpec()
+    budget = (form_bytes(layer_forms(16, 32, ("w8",), spec, 2)[1], 16, 32, spec)
+              + form_bytes(layer_forms(16, 32, ("w4",), spec, 2)[1], 16, 32, spec)) / (2 * 16 * 32 * 4)
+    picks = {}
+    for scale in (10.0, 0.1):
+        m = _TwoBranches(scale)
+        m.load_state_dict(model.state_dict(), strict=False)
+        ctx = CompressContext(ratio=0.5, options={"budget": budget, "forms": "w8,w4", "rank_steps": 1,
+                                                  "correction_rounds": 1, "weighting": "fisher", "select_windows": 0},
+                              calibration=_Calib({"a": G, "b": G}, xs))
+        import factordeploy.compress.fisher as fisher_mod
+        import factordeploy.compress.objective as objective_mod
+
+        # the real _row_weights, with this toy's loss in place of the model's task objective
+        monkeypatch.setattr(objective_mod, "TaskObjective", lambda calib, model_, _t=ts: _SquaredError(_t))
+        assert fisher_mod.output_sensitivity  # imported by _row_weights at call time
+        res = get_method("auto").compress(m, ["a", "b"], ctx)
+        picks[scale] = {r.name: r.metrics["form"] for r in res.layers}
+        assert all("predicted_loss_increase" in r.metrics for r in res.layers)
+    assert picks[10.0] == {"a": "w8", "b": "w4"}, picks
+    assert picks[0.1] == {"a": "w4", "b": "w8"}, picks
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +212,44 @@ def test_build_meets_the_budget_and_the_file_holds_the_counted_bytes(auto_build)
     assert abs(on_disk - sz["bytes_after"]) <= 0.01 * sz["bytes_after"], (on_disk, sz["bytes_after"])
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0 and "forms:" in r.output, r.output
+
+
+def test_build_keeps_the_plan_with_the_lowest_held_out_loss(auto_build):
+    _, rep = auto_build
+    extra = rep["method"]["extra"]
+    held = extra["held_out"]
+    if len(held) > 1:  # the plans differ on this model: each was scored on the selection windows
+        assert extra["plan"] == min(held, key=lambda k: held[k]["loss"])
+        assert all(0 <= v["loss"] < 1 and v["bytes"] <= extra["budget_bytes"] for v in held.values())
+    fams = {lay["metrics"]["family"] for lay in rep["layers"]}
+    if extra["plan"] != "all forms":
+        assert "lowrank" not in fams
+
+
+def test_alternatives_restrict_the_families_and_meet_the_budget():
+    from factordeploy.compress.methods.auto import alternatives
+
+    torch.manual_seed(0)
+    spec = QuantSpec()
+    plans = {f"l{i}": layer_forms(64, 64, parse_forms(DEFAULT_FORMS), spec, 2) for i in range(3)}
+    opts = {}
+    for n, fs in plans.items():
+        fit = LayerFit(torch.randn(64, 64), _gram(64, int(n[1])), None, max(f.rank for f in fs))
+        opts[n] = (torch.tensor([build(f, fit, spec, 1)[1] for f in fs], dtype=torch.float64),
+                   torch.tensor([form_bytes(f, 64, 64, spec) for f in fs], dtype=torch.float64))
+    cap = int(0.15 * 3 * 64 * 64 * 4)
+    alts = alternatives(opts, plans, cap)
+    assert list(alts)[0] == "all forms"
+    for label, a in alts.items():
+        assert a.bytes_after <= cap
+        fams = {plans[n][j].family for n, j in a.choice.items()}
+        if label == "quantized forms":
+            assert fams <= {"dense", "quant", "qlr"}
+        if label == "dense quantized":
+            assert fams <= {"dense", "quant"}
+    # below the cheapest quantized form only the plan over every form is reachable
+    tiny = int(0.05 * 3 * 64 * 64 * 4)
+    assert list(alternatives(opts, plans, tiny)) == ["all forms"]
 
 
 def test_unreachable_budget_is_one_line_before_compression(tiny_bert_dir, tmp_path, monkeypatch):

@@ -55,3 +55,52 @@ def row_importance(fisher_rows: torch.Tensor, eps: float = 1e-5) -> torch.Tensor
     f = fisher_rows.to(torch.float64)
     m = float(f.max())
     return (f / m if m > 0 else torch.ones_like(f)) + eps
+
+
+def output_sensitivity(model: nn.Module, names: list[str], calibration: Calibration, objective: TaskObjective,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """Mean squared loss gradient per OUTPUT feature of each targeted linear, g2_j = E_t[(dL/dy_tj)^2].
+
+    Second-order view of a weight change E = W - W_hat: the loss rises by about
+    0.5 * sum_j g2_j * ||(E L)_j||^2 with L L^T = X^T X (diagonal Fisher of the outputs, tokens
+    independent), which puts every layer's output error on the loss's one scale (what `auto` sums
+    across layers). One backward per calibration batch through the activations only: no weight
+    gradient is formed. Cached on the Calibration like `fisher_diagonal`.
+    """
+    key = f"output-sensitivity/{seed}"
+    cached = calibration.cache.setdefault(key, {})
+    missing = [n for n in names if n not in cached]
+    if missing:
+        cached.update(_output_grads(model, missing, calibration, objective, seed))
+    return {n: cached[n] for n in names}
+
+
+def _output_grads(model: nn.Module, names: list[str], calibration: Calibration, objective: TaskObjective,
+                  seed: int) -> dict[str, torch.Tensor]:
+    acc: dict[str, torch.Tensor] = {}
+    count = dict.fromkeys(names, 0)
+
+    def on_output(name: str):
+        def fwd(_mod, _inp, out):
+            if not out.requires_grad:  # nothing upstream needs a gradient: make the output a graph leaf
+                out.requires_grad_(True)
+
+            def grad_hook(g: torch.Tensor) -> None:
+                g2 = g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1])
+                acc[name] = acc[name] + g2.sum(0) if name in acc else g2.sum(0)
+                count[name] += g2.shape[0]
+            out.register_hook(grad_hook)
+        return fwd
+
+    gen = torch.Generator().manual_seed(seed) if objective.kind == "encoder" else None
+    handles = [model.get_submodule(n).register_forward_hook(on_output(n)) for n in names]
+    try:
+        with train_only(model, []), torch.enable_grad():
+            model.eval()
+            for i, batch in enumerate(track(calibration.batches(), f"output sensitivity ({objective.kind} task loss)",
+                                            total=calibration.num_batches())):
+                objective.loss(model, i, batch, sample_targets=gen).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: acc[n] / max(count[n], 1) for n in names}

@@ -18,7 +18,8 @@ error) and fp32 2:4 stores ~0.53 of the fp32 bytes at a larger error than `w8` a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -26,14 +27,17 @@ from torch import nn
 from ...errors import UserError
 from ...progress import track
 from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
-from ..budget import allocate_choices, max_useful_rank
+from ..budget import ChoiceAllocation, allocate_choices, max_useful_rank
 from ..layers import DenseLinear, FactorizedLinear, LowRankLinear, QuantLowRankLinear, balance_factors
 from ..linalg import Factors, gram_factor, whitened_svd
 from ..quant import QuantizedMatrix, QuantSpec, quant_bytes
+from ..selection import SelectionCheck
+from ..targets import get_module, set_module
 from .quant_lowrank import fit_layer, lowrank_bytes, output_err, rank_for
 
-FORMS = ("w8", "w4", "w2", "lr32", "lr8", "lr4", "qlr4", "qlr2")
-DEFAULT_FORMS = "w8,w4,lr32,lr8,lr4,qlr4,qlr2"
+FORMS = ("w8", "w4", "w2", "lr32", "lr8", "lr4", "qlr4", "qlr2")  # w<bits> also takes g<block>: w4g128
+DEFAULT_FORMS = "w8,w8g128,w4,w4g128,lr32,lr8,lr4,qlr4,qlr2"
+_QUANT_TOKEN = re.compile(r"^w(8|4|2)(?:g(16|32|64|128|256))?$")
 QLR_FRACS = {4: (0.01, 0.03), 2: (0.03,)}  # correction bytes (fraction of fp32) per residual width
 
 BUDGET = MethodOption("budget", float, 0.25, "stored bytes of the targeted layers as a fraction of their fp32 bytes",
@@ -43,6 +47,15 @@ FORMS_OPT = MethodOption("forms", str, DEFAULT_FORMS,
 RANK_STEPS = MethodOption("rank-steps", int, 2, "low-rank candidate ranks per octave (2: 1, 2, 3, 4, 6, 8, 11, 16, ...)",
                           min=1, max=8)
 QLR_ROUNDS = MethodOption("correction-rounds", int, 2, "quant-lowrank alternations per candidate", min=1, max=16)
+WEIGHTING = MethodOption("weighting", str, "fisher",
+                         "how layer errors add up: fisher = output error weighted by the task loss's squared gradient "
+                         "per output feature (predicted loss increase), relative = each layer's relative output error",
+                         choices=("fisher", "relative"))
+SELECT = MethodOption("select-windows", int, 8,
+                      "held-out windows (the pydoc selection split) on which the allocation over every form is "
+                      "scored against the quantized-only plans at the same budget, the best kept; 0 = no check",
+                      min=0, max=256)
+SENS_DAMP = 1e-3  # row weights + this x their mean: no output feature is free, B/sqrt(w) stays finite
 
 
 @dataclass(frozen=True)
@@ -52,19 +65,20 @@ class Form:
     family: str
     bits: int = 32
     rank: int = 0
+    block: int = 0  # quant family: block length along K (0 = the build's --quant-block)
 
     @property
     def tag(self) -> str:
-        return {"dense": "dense fp32", "quant": f"w{self.bits}", "lowrank": f"lowrank r{self.rank} w{self.bits}",
+        return {"dense": "dense fp32", "quant": f"w{self.bits}" + (f" g{self.block}" if self.block else ""), "lowrank": f"lowrank r{self.rank} w{self.bits}",
                 "qlr": f"quant-lowrank w{self.bits} + r{self.rank} w8"}[self.family]
 
 
 def parse_forms(text: str) -> tuple[str, ...]:
     toks = tuple(t.strip() for t in str(text).split(",") if t.strip())
-    bad = [t for t in toks if t not in FORMS]
+    bad = [t for t in toks if t not in FORMS and not _QUANT_TOKEN.match(t)]
     if bad or not toks:
         raise UserError(f"--forms {text!r}: unknown form(s) {', '.join(bad) or '(none given)'}",
-                        f"use a comma-separated list of {', '.join(FORMS)}")
+                        f"use a comma-separated list of {', '.join(FORMS)} (w8/w4/w2 with an optional block, e.g. w4g128)")
     return toks
 
 
@@ -80,7 +94,8 @@ def layer_forms(out_f: int, in_f: int, forms: tuple[str, ...], spec: QuantSpec, 
     out = [Form("dense")]
     for t in forms:
         if t[0] == "w":
-            out.append(Form("quant", int(t[1:])))
+            m = _QUANT_TOKEN.match(t)
+            out.append(Form("quant", int(m.group(1)), block=int(m.group(2) or 0)))
         elif t.startswith("lr"):
             out += [Form("lowrank", int(t[2:]), r) for r in candidate_ranks(out_f, in_f, steps)]
         else:
@@ -91,8 +106,8 @@ def layer_forms(out_f: int, in_f: int, forms: tuple[str, ...], spec: QuantSpec, 
     return out
 
 
-def _spec(base: QuantSpec, bits: int) -> QuantSpec:
-    return QuantSpec(bits, base.block, base.symmetric, base.algo, base.grid)
+def _spec(base: QuantSpec, bits: int, block: int = 0) -> QuantSpec:
+    return QuantSpec(bits, block or base.block, base.symmetric, base.algo, base.grid)
 
 
 def form_bytes(f: Form, out_f: int, in_f: int, spec: QuantSpec, elem: int = 4) -> int:
@@ -100,29 +115,57 @@ def form_bytes(f: Form, out_f: int, in_f: int, spec: QuantSpec, elem: int = 4) -
     if f.family == "dense":
         return out_f * in_f * elem
     if f.family == "quant":
-        return quant_bytes(in_f, out_f, _spec(spec, f.bits))
+        return quant_bytes(in_f, out_f, _spec(spec, f.bits, f.block))
     if f.family == "lowrank":
         return lowrank_bytes(out_f, in_f, f.rank, None if f.bits == 32 else _spec(spec, f.bits))
     return quant_bytes(in_f, out_f, _spec(spec, f.bits)) + lowrank_bytes(out_f, in_f, f.rank, _spec(spec, 8))
 
 
 class LayerFit:
-    """One layer's weight, Gram, its factor L and (lazily) one whitened SVD serving every rank."""
+    """One layer's weight, Gram, its factor L and (lazily) one whitened SVD serving every rank.
 
-    def __init__(self, W: torch.Tensor, G: torch.Tensor, bias: torch.Tensor | None, rmax: int) -> None:
+    `row_weight` (the loss's mean squared gradient per output feature, fisher.output_sensitivity):
+    candidates are scored by the predicted loss increase 0.5 * sum_j w_j ||((W - W_hat) L)_j||^2, and
+    the low-rank candidates are fitted in that metric (SVD of diag(sqrt w) W L); None: relative
+    output error ||(W - W_hat) L||^2 / ||W L||^2, every layer weighed alike.
+    """
+
+    def __init__(self, W: torch.Tensor, G: torch.Tensor, bias: torch.Tensor | None, rmax: int,
+                 row_weight: torch.Tensor | None = None) -> None:
         self.W, self.G, self.bias, self.rmax = W.detach().to(torch.float32), G, bias, rmax
         self.L = gram_factor(G)
         self.ref = output_err(self.W, torch.zeros_like(self.W), self.L) ** 2
+        self.d = None if row_weight is None else row_weight.to(torch.float64).sqrt().to(self.L.device)
         self._svd: Factors | None = None
 
     @property
     def svd(self) -> Factors:
         if self._svd is None:
-            self._svd = whitened_svd(self.W, self.L, self.rmax)
+            if self.d is None:
+                self._svd = whitened_svd(self.W, self.L, self.rmax)
+            else:  # min ||D (W - BA) L||: whitened SVD of D W, rows of B divided back
+                f = whitened_svd(self.d[:, None].to(self.W.dtype) * self.W, self.L, self.rmax)
+                self._svd = Factors(f.A, (f.B.to(torch.float64) / self.d[:, None]).to(f.B.dtype), f.kept, f.dropped)
         return self._svd
 
     def rel(self, W_hat: torch.Tensor) -> float:
         return output_err(self.W, W_hat, self.L) ** 2 / self.ref if self.ref else 0.0
+
+    def score(self, W_hat: torch.Tensor) -> float:
+        """What the allocation sums: predicted loss increase (row_weight given) or relative output error."""
+        if self.d is None:
+            return self.rel(W_hat)
+        E = self.d[:, None] * (self.W.to(torch.float64) - W_hat.to(torch.float64))
+        return 0.5 * float((E @ self.L).norm()) ** 2
+
+    def tail_score(self, r: int) -> float:
+        """score of the fp32 rank-r fit, exactly, from the dropped singular values."""
+        s = self.svd
+        dropped = float((s.kept[r:] ** 2).sum() + (s.dropped ** 2).sum())
+        if self.d is not None:
+            return 0.5 * dropped
+        tot = float((s.kept ** 2).sum() + (s.dropped ** 2).sum())
+        return dropped / tot if tot else 0.0
 
 
 def build(f: Form, fit: LayerFit, spec: QuantSpec, rounds: int) -> tuple[nn.Module, float]:
@@ -132,28 +175,28 @@ def build(f: Form, fit: LayerFit, spec: QuantSpec, rounds: int) -> tuple[nn.Modu
         return DenseLinear(W, bias), 0.0
     if f.family == "quant":
         layer = DenseLinear(W, bias)
-        layer.quantize_factors_(_spec(spec, f.bits), gram=fit.G)
-        return layer, fit.rel(layer.weight)
+        layer.quantize_factors_(_spec(spec, f.bits, f.block), gram=fit.G)
+        return layer, fit.score(layer.weight)
     if f.family == "qlr":
         lr = _spec(spec, 8)
         Q, A, B, errs = fit_layer(W, fit.G, _spec(spec, f.bits), f.rank, rounds, lr, fit.L)
         layer = QuantLowRankLinear(Q, A, B, bias)
         layer.pending_quant = {"A": lr, "B": lr}
+        if fit.d is not None:
+            return layer, fit.score(layer.dense_weight().detach())
         return layer, min(errs) ** 2 / fit.ref if fit.ref else 0.0
     s = fit.svd
     r = f.rank
     if f.bits == 32:
-        dropped = torch.cat([s.kept[r:], s.dropped])
-        tot = float((s.kept ** 2).sum() + (s.dropped ** 2).sum())
         layer = LowRankLinear(*balance_factors(s.A[:r], s.B[:, :r]), bias)
-        return layer, float((dropped ** 2).sum()) / tot if tot else 0.0
+        return layer, fit.tail_score(r)
     fs = _spec(spec, f.bits)
     A, B = balance_factors(s.A[:r], s.B[:, :r])
     layer = LowRankLinear(A, B, bias)
     layer.pending_quant = {"A": fs, "B": fs}  # stored after recovery, as quant-lowrank's correction
     Aq = QuantizedMatrix.from_weight(A, fs).weight() if QuantizedMatrix.saves_bytes(A, fs) else A
     Bq = QuantizedMatrix.from_weight(B, fs).weight() if QuantizedMatrix.saves_bytes(B, fs) else B
-    return layer, fit.rel(Bq.to(torch.float64) @ Aq.to(torch.float64))
+    return layer, fit.score(Bq.to(torch.float64) @ Aq.to(torch.float64))
 
 
 def quant_spec(ctx: CompressContext) -> QuantSpec:
@@ -168,7 +211,7 @@ class AutoMethod(Method):
     summary = "per-layer form (dense / w8 / w4 / low-rank at 32-8-4 bits / quant-lowrank) minimising calibration output error within --budget"
     needs_calibration = True
     blockwise = False  # one global allocation over every target
-    options = (BUDGET, FORMS_OPT, RANK_STEPS, QLR_ROUNDS)
+    options = (BUDGET, FORMS_OPT, RANK_STEPS, QLR_ROUNDS, WEIGHTING, SELECT)
 
     def check_options(self, options: dict) -> None:
         parse_forms(options.get("forms", DEFAULT_FORMS))
@@ -177,7 +220,8 @@ class AutoMethod(Method):
                    ) -> dict[str, list[Form]]:
         forms = parse_forms(options.get("forms", DEFAULT_FORMS))
         if spec.grid == "positive":  # TensorRT's QDQ weights: 4 or 8 bits only
-            forms = tuple(t for t in forms if not t.endswith("2") or t == "lr32")
+            forms = tuple(t for t in forms if t in ("lr32", "lr8", "lr4", "qlr4")
+                          or (_QUANT_TOKEN.match(t) and _QUANT_TOKEN.match(t).group(1) != "2"))
         return {n: layer_forms(o, i, forms, spec, int(options.get("rank_steps", 2))) for n, (o, i) in shapes.items()}
 
     def check_reachable(self, shapes: dict[str, tuple[int, int]], plans: dict[str, list[Form]], budget: float,
@@ -207,42 +251,117 @@ class AutoMethod(Method):
         cap = self.check_reachable(shapes, plans, float(ctx.opt("budget", 0.25)), spec, elem)
         rounds = int(ctx.opt("correction_rounds", 2))
         grams = calib.grams(model, targets)
+        originals = {t: get_module(model, t) for t in targets}  # the layers as given (the held-out check swaps them)
+        weights = self._row_weights(model, targets, calib, ctx)
         opts = {}
         for name in track(targets, "auto: candidate errors"):
-            fit = self._fit(model, name, grams[name], ctx, plans[name])
+            fit = self._fit(originals[name], grams[name], ctx, plans[name], weights.get(name))
             errs = [build(f, fit, spec, rounds)[1] for f in plans[name]]
             byts = [form_bytes(f, *shapes[name], spec, elem[name]) for f in plans[name]]
             opts[name] = (torch.tensor(errs, dtype=torch.float64), torch.tensor(byts, dtype=torch.float64))
-        alloc = allocate_choices(opts, cap)
+        alts = alternatives(opts, plans, cap)
+        built: dict[tuple[str, int], nn.Module | None] = {}
+        rels: dict[tuple[str, int], float] = {}
+
+        def layer_for(name: str, j: int) -> nn.Module | None:
+            if (name, j) not in built:
+                f, layer = plans[name][j], originals[name]
+                new, rel = None, 0.0
+                if f.family != "dense":
+                    fit = self._fit(layer, grams[name], ctx, [f], weights.get(name))
+                    new, _ = build(f, fit, spec, rounds)
+                    rel = fit.rel(new.dense_weight().detach())
+                    new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+                built[(name, j)], rels[(name, j)] = new, rel
+            return built[(name, j)]
+
+        label, held_out = self._select(model, originals, alts, layer_for, calib, ctx)
+        alloc = alts[label]
         records = []
         for name in track(targets, "auto: build chosen forms"):
             j = alloc.choice[name]
             f = plans[name][j]
-            layer = model.get_submodule(name)
-            if f.family == "dense":
-                new = None
-            else:
-                new, _ = build(f, self._fit(model, name, grams[name], ctx, [f]), spec, rounds)
-                new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+            new = layer_for(name, j)
             records.append(replace_layer(model, name, new, {
                 "form": f.tag, "family": f.family, "rank": f.rank, "bits": f.bits,
-                "bytes": int(opts[name][1][j]), "predicted_output_rel_error": round(float(opts[name][0][j]), 8)}))
+                **({"block": f.block or spec.block} if f.family == "quant" else {}),
+                "bytes": int(opts[name][1][j]), "predicted_output_rel_error": round(rels[(name, j)], 8),
+                **({"predicted_loss_increase": float(f"{float(opts[name][0][j]):.6g}")} if weights else {})}))
+        built.clear()
         counts: dict[str, int] = {}
         for r in records:
             key = r.metrics["form"].split(" r")[0] if r.metrics["family"] == "lowrank" else r.metrics["form"].split(" +")[0]
             counts[key] = counts.get(key, 0) + 1
+        what = "predicted loss increase (output error x squared loss gradient)" if weights else "relative output error"
         notes = [f"auto: budget {ctx.opt('budget')} of the fp32 bytes = {cap:,} bytes, chosen {alloc.bytes_after:,} bytes; "
-                 f"summed predicted relative output error {alloc.error:.4g}; forms: "
+                 f"summed {what} {alloc.error:.4g}; forms: "
                  + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + "; --ratio is not used"]
+        if held_out:
+            notes.append("auto: held-out check (pydoc selection split, task loss; lower is better): "
+                         + ", ".join(f"{k} {v['loss']:.5g} ({v['bytes']:,} bytes)" for k, v in held_out.items())
+                         + f"; kept {label}")
         return CompressResult(records, notes=notes, extra={"budget_bytes": cap, "chosen_bytes": alloc.bytes_after,
                                                            "predicted_error": alloc.error, "lambda": alloc.lam,
-                                                           "forms": counts})
+                                                           "forms": counts, "plan": label, "held_out": held_out})
 
     @staticmethod
-    def _fit(model: nn.Module, name: str, G: torch.Tensor, ctx: CompressContext, forms: list[Form]) -> LayerFit:
-        layer = model.get_submodule(name)
+    def _select(model: nn.Module, originals: dict[str, nn.Module], alts: dict[str, ChoiceAllocation], layer_for,
+                calib, ctx: CompressContext) -> tuple[str, dict]:
+        """The plan (of `alternatives`) with the lowest task loss on held-out selection windows."""
+        n = int(ctx.opt("select_windows", 8))
+        if n == 0 or len(alts) == 1:
+            return next(iter(alts)), {}
+        check = SelectionCheck(calib.loaded, model, n, calib.config.length, ctx.seed, device=ctx.device)
+        targets, scores = list(originals), {}
+        try:
+            for label, a in alts.items():
+                for t in track(targets, f"auto: held-out check of '{label}'"):
+                    new = layer_for(t, a.choice[t])
+                    set_module(model, t, originals[t] if new is None else new)
+                scores[label] = {"loss": check.loss(model), "bytes": a.bytes_after,
+                                 "predicted_error": float(f"{a.error:.6g}")}
+        finally:
+            for t in targets:
+                set_module(model, t, originals[t])
+        return min(scores, key=lambda k: scores[k]["loss"]), scores
+
+    @staticmethod
+    def _row_weights(model: nn.Module, targets: list[str], calib, ctx: CompressContext) -> dict[str, torch.Tensor]:
+        """Per-output-feature loss sensitivity of every target (empty with --weighting relative)."""
+        if ctx.opt("weighting", "fisher") != "fisher":
+            return {}
+        from ..fisher import output_sensitivity
+        from ..objective import TaskObjective
+
+        g2 = output_sensitivity(model, targets, calib, TaskObjective(calib, model), seed=ctx.seed)
+        return {n: v + SENS_DAMP * float(v.mean()) for n, v in g2.items()}
+
+    @staticmethod
+    def _fit(layer: nn.Module, G: torch.Tensor, ctx: CompressContext, forms: list[Form],
+             row_weight: torch.Tensor | None = None) -> LayerFit:
         rmax = max([f.rank for f in forms if f.family == "lowrank"], default=1)
-        return LayerFit(layer.weight.detach().to(ctx.device), G.to(ctx.device), layer.bias, rmax)
+        return LayerFit(layer.weight.detach().to(ctx.device), G.to(ctx.device), layer.bias, rmax, row_weight)
+
+
+PLAN_FAMILIES = (("all forms", None), ("quantized forms", ("dense", "quant", "qlr")), ("dense quantized", ("dense", "quant")))
+
+
+def alternatives(opts: dict, plans: dict[str, list[Form]], cap: int) -> dict[str, ChoiceAllocation]:
+    """The allocation over every form, and over the quantized families alone (where reachable and different).
+
+    Summed per-layer predictions are exact for none of them: quantization noise adds up roughly as
+    predicted, while truncation errors of many low-rank layers compound and move out of the calibration
+    domain, so the held-out check (`AutoMethod._select`) decides between the plans."""
+    out: dict[str, ChoiceAllocation] = {}
+    for label, fams in PLAN_FAMILIES:
+        keep = {n: [j for j, f in enumerate(plans[n]) if fams is None or f.family in fams] for n in opts}
+        if sum(float(opts[n][1][keep[n]].min()) for n in opts) > cap:
+            continue
+        a = allocate_choices({n: (opts[n][0][keep[n]], opts[n][1][keep[n]]) for n in opts}, cap)
+        a = replace(a, choice={n: keep[n][j] for n, j in a.choice.items()})
+        if all(a.choice != b.choice for b in out.values()):
+            out[label] = a
+    return out
 
 
 def _shapes(model: nn.Module, targets: list[str]) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
