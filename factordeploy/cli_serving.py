@@ -114,6 +114,8 @@ def echo_repository(repo, manifest: dict) -> None:
 @click.option("--model", type=InPath("dir"), default="minilm", show_default=True, help="registry name or local HF folder")
 @click.option("--methods", type=Text(), default="svd,svd-whiten,cospadi", show_default=True, help="comma-separated methods")
 @click.option("--ratios", type=FloatList(Float(0.0, 1.0, min_open=True, max_open=True)), default="0.35,0.5", show_default=True, help="comma-separated ratios")
+@click.option("--budgets", type=FloatList(Float(0.0, 1.0, min_open=True)), default="0.1562,0.25", show_default=True,
+              help="with auto among --methods: its --budget per cell (stored bytes of the targeted layers / fp32; 0.1562 = w4-g32's)")
 @click.option("--out", type=OutPath(), required=True, help="sweep folder (re-running resumes: finished cells are kept)")
 @click.option("--seed", type=Int(0, SEED_MAX), default=0, show_default=True)
 @click.option("--calib", type=Int(1), default=128, show_default=True, help="calibration samples (shared by all cells)")
@@ -122,8 +124,8 @@ def echo_repository(repo, manifest: dict) -> None:
               help="auto = each method's default; original = every cell shares one store of calibration statistics")
 @click.option("--backend", type=Choice(["auto", "trt", "trt-rtx", "ort"]), default="ort", show_default=True)
 @click.option("--quiet", is_flag=True, help="no progress output")
-def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, calib_mode, backend, quiet) -> None:
-    """Build every METHOD x RATIO cell of MODEL; write a table (Markdown + JSON) and Pareto plots (PNG)."""
+def sweep_cmd(model, methods, ratios, budgets, out, seed, calib, calib_len, calib_mode, backend, quiet) -> None:
+    """Build every METHOD x RATIO cell of MODEL (auto: x BUDGET); write a table (Markdown + JSON) and Pareto plots (PNG)."""
     from .compress.calibration import CalibrationConfig
     from .progress import set_quiet
     from .sweep import SweepConfig, run_sweep
@@ -135,12 +137,13 @@ def sweep_cmd(model, methods, ratios, out, seed, calib, calib_len, calib_mode, b
         rs = tuple(float(r) for r in ratios.split(",") if r.strip())
     except ValueError as e:
         raise UserError(f"--ratios '{ratios}' is not a comma-separated list of numbers", "pass e.g. --ratios 0.35,0.5") from e
+    bs = tuple(float(b) for b in budgets.split(",") if b.strip())
     ms = tuple(m.strip() for m in methods.split(",") if m.strip())
     if not ms or not rs:
         raise UserError("--methods and --ratios need at least one entry each", "pass e.g. --methods svd --ratios 0.5")
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
-    res = run_sweep(SweepConfig(model=model, methods=ms, ratios=rs, out=out, seed=seed, backend=backend,
+    res = run_sweep(SweepConfig(model=model, methods=ms, ratios=rs, budgets=bs, out=out, seed=seed, backend=backend,
                                 calib_mode=calib_mode, calib=CalibrationConfig(n=calib, length=calib_len, seed=seed)))
     click.echo(f"sweep {out}: {len(res.rows)} cells ({res.built} built now, {res.reused} reused); "
                f"table {res.table_md}; plots {', '.join(str(p) for p in res.plots)}")

@@ -280,3 +280,45 @@ def test_bad_forms_are_one_line_errors(tiny_bert_dir, tmp_path):
     r = CliRunner().invoke(main, ["build", "--model", str(tiny_bert_dir), "--method", "auto", "--forms", "w4,w3",
                                   "--out", str(tmp_path / "x"), "--quiet"])
     assert r.exit_code == 2 and "--forms" in r.stderr, r.output
+
+
+def _auto_cli(tiny_bert_dir, out, *extra):
+    return CliRunner().invoke(main, ["build", "--model", str(tiny_bert_dir), "--method", "auto", "--calib", "8",
+                                     "--calib-len", "32", "--correction-rounds", "1", "--out", str(out),
+                                     "--no-baseline", "--no-eval", "--backend", "ort", "--quiet", *extra])
+
+
+def test_min_quality_keeps_the_smallest_plan_that_meets_it(tiny_bert_dir, tmp_path, auto_build):
+    _, full = auto_build  # the same model at --budget 0.3 without a bar
+    r = _auto_cli(tiny_bert_dir, tmp_path / "q", "--budget", "0.3", "--min-quality", "0.5")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "q" / "report.json").read_text())
+    extra = rep["method"]["extra"]
+    kept = extra["held_out"][extra["plan"]]
+    assert kept["quality"] >= 0.5 and kept["bytes"] == extra["chosen_bytes"]
+    assert extra["chosen_bytes"] <= full["method"]["extra"]["chosen_bytes"]
+    assert extra["chosen_bytes"] == rep["size"]["targeted_bytes_after"]
+    assert any("--min-quality 0.5" in n for n in rep["method"]["notes"])
+
+
+def test_unreachable_min_quality_is_one_line_naming_the_best_reached(tiny_bert_dir, tmp_path):
+    out = tmp_path / "never"
+    r = _auto_cli(tiny_bert_dir, out, "--budget", "0.1", "--forms", "w2", "--min-quality", "0.99999")
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "--min-quality 0.99999 is not reached" in lines[0], r.stderr
+    assert "best held-out mean embedding cosine is" in lines[0] and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_quality_bar_reads_the_target_by_model_kind():
+    from factordeploy.compress.methods.auto import QualityBar
+    from factordeploy.errors import UserError
+
+    enc, dec = QualityBar.for_kind("encoder", 0.98), QualityBar.for_kind("decoder", 1.1)
+    assert enc.met(0.981) and not enc.met(0.979)
+    assert dec.met(1.09) and not dec.met(1.11)
+    with pytest.raises(UserError, match="not a cosine"):
+        QualityBar.for_kind("encoder", 1.1)
+    with pytest.raises(UserError, match="not a perplexity ratio"):
+        QualityBar.for_kind("decoder", 0.9)

@@ -85,3 +85,23 @@ def test_sweep_rejects_bad_input(tiny_bert_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
         run_sweep(_cfg(tiny_bert_dir, tmp_path / "file", ("svd",), (0.5,)))
+
+
+def test_sweep_builds_auto_at_each_budget(tiny_bert_dir, tmp_path):
+    """auto cells take --budgets, not --ratios: each meets its budget and sits in the table beside the fixed cells."""
+    out = tmp_path / "sweep"
+    cfg = _cfg(tiny_bert_dir, out, ("svd", "auto"), (0.5,))
+    cfg.budgets = (0.2, 0.4)
+    res = run_sweep(cfg)
+    assert sorted(r["cell"] for r in res.rows) == ["auto_b0.2", "auto_b0.4", "svd_r0.5"]
+    for b in cfg.budgets:
+        rep = json.loads((out / "cells" / f"auto_b{b:g}" / "report.json").read_text())
+        sz = rep["size"]
+        assert rep["method"]["options"]["budget"] == b
+        assert sz["targeted_bytes_after"] <= b * sz["targeted_bytes_before"]
+    auto = {r["ratio"]: r for r in res.rows if r["method"] == "auto"}
+    cos = lambda b: auto[b]["quality"]["wiki"]["cosine_mean"]  # noqa: E731
+    assert cos(0.4) >= cos(0.2) - 1e-3  # more bytes, no worse in domain
+    assert "auto at budgets 0.2, 0.4" in res.table_md.read_text()
+    again = run_sweep(cfg)
+    assert again.built == 0 and again.reused == 3

@@ -11,6 +11,8 @@ before any layer changes).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,6 +32,8 @@ class SelectionCheck:
         self.batches = [{k: v.to(device) for k, v in loaded.batch_from_ids(wins[i:i + batch_size]).items()}
                         for i in range(0, len(wins), batch_size)]
         self.refs = [self._embed(model, b) for b in self.batches] if self.kind == "encoder" else None
+        self.base = self.loss(model) if self.kind == "decoder" else 0.0  # the original's cross-entropy
+        self.metric = "mean embedding cosine" if self.kind == "encoder" else "perplexity ratio"
 
     @torch.no_grad()
     def _embed(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -47,3 +51,7 @@ class SelectionCheck:
                 ids = b["input_ids"]
                 tot += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
         return tot / len(self.batches)
+
+    def quality(self, loss: float) -> float:
+        """The loss as the report's quality: mean cosine to the original (encoders), perplexity ratio (decoders)."""
+        return 1.0 - loss if self.kind == "encoder" else math.exp(loss - self.base)

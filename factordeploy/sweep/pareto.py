@@ -79,7 +79,7 @@ def write_plots(cfg, kind: str, rows: list[dict], original: dict, out: Path) -> 
             ax.grid(alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-        fig.suptitle(f"{cfg.model}: quality vs {xlabel.split(',')[0].split(' (')[0]} (labels: --ratio; quality and "
+        fig.suptitle(f"{cfg.model}: quality vs {xlabel.split(',')[0].split(' (')[0]} (labels: --ratio, auto: --budget; quality and "
                      "latency of model.onnx on ONNX Runtime CPU)")
         if any(refolded(r) for r in rows):
             fig.text(0.5, 0.005, "hollow: model.onnx refolds these layers to dense matrices for CPU speed, so that file "

@@ -51,6 +51,12 @@ class SweepConfig:
     # auto = each method's default (sequential for svd-whiten, cospadi, sparse24, quant-lowrank: their
     # statistics depend on the compressed prefix, so each cell calibrates itself); original = one shared store
     calib_mode: str = "auto"
+    # `auto` among the methods is built at each of these budgets (its --budget: stored bytes of the targeted
+    # layers as a fraction of fp32) instead of at the ratios; the rows carry the budget in their `ratio` field
+    budgets: tuple[float, ...] = (0.1562, 0.25)
+
+    def cells(self) -> list[tuple[str, float]]:
+        return [(m, r) for m in self.methods for r in (self.budgets if m == AUTO else self.ratios)]
 
 
 @dataclass
@@ -64,8 +70,11 @@ class SweepResult:
     reused: int = 0
 
 
+AUTO = "auto"
+
+
 def cell_name(method: str, ratio: float) -> str:
-    return f"{method}_r{ratio:g}"
+    return f"{method}_b{ratio:g}" if method == AUTO else f"{method}_r{ratio:g}"
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -123,6 +132,10 @@ def cell_config(cfg: SweepConfig, method: str, ratio: float, cells_dir: Path) ->
     m = get_method(method)
     # a sweep-wide `sequential` applies to the cells whose method calibrates block-wise; the others keep their own
     mode = cfg.calib_mode if cfg.calib_mode != "sequential" or (m.blockwise and m.uses_calibration({})) else "auto"
+    if method == AUTO:  # the cell's `ratio` is auto's byte budget
+        return BuildConfig(model=cfg.model, method=method, options={"budget": ratio}, out=str(cells_dir / cell_name(method, ratio)),
+                           seed=cfg.seed, calib=cfg.calib, backend=cfg.backend, calib_cache=str(cells_dir.parent / "calib-cache"),
+                           latency_points=((1, 128),), latency_runs=cfg.latency_runs, blockwise=BlockwiseConfig(mode))
     return BuildConfig(model=cfg.model, method=method, ratio=ratio, out=str(cells_dir / cell_name(method, ratio)),
                        seed=cfg.seed, calib=cfg.calib, backend=cfg.backend, calib_cache=str(cells_dir.parent / "calib-cache"),
                        latency_points=((1, 128),), latency_runs=cfg.latency_runs,
@@ -135,19 +148,22 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     for r in cfg.ratios:
         if not 0 < r < 1:
             raise UserError(f"ratio {r} is outside (0, 1)", "pass e.g. --ratios 0.35,0.5")
+    for b in cfg.budgets if AUTO in cfg.methods else ():
+        if not 0 < b <= 1:
+            raise UserError(f"budget {b} is outside (0, 1]", "pass e.g. --budgets 0.1562,0.25")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
     cells_dir = out / "cells"
     # every cell's settings, and the model-dependent limits once config.json is read: all before --out is touched
-    cell_cfgs = [cell_config(cfg, m, r, cells_dir) for m in cfg.methods for r in cfg.ratios]
+    cell_cfgs = [cell_config(cfg, m, r, cells_dir) for m, r in cfg.cells()]
     for c in cell_cfgs:
         check_config(c)
     loaded = load_model(cfg.model, on_config=lambda shape: [check_model_limits(c, shape) for c in cell_cfgs])
     cells_dir.mkdir(parents=True, exist_ok=True)
     scorer = DomainScorer(loaded, cfg)
     rows, built, reused = [], 0, 0
-    cells = [(m, r) for m in cfg.methods for r in cfg.ratios]
+    cells = cfg.cells()
     for i, (method, ratio) in enumerate(cells, 1):
         name = cell_name(method, ratio)
         folder, row_path = cells_dir / name, cells_dir / f"{name}.json"
@@ -162,7 +178,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                 continue
         rep_path = folder / "report.json"
         rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
-        same_build = rep is not None and rep["method"]["name"] == method and rep["method"]["ratio"] == ratio
+        same_build = rep is not None and rep["method"]["name"] == method and (
+            rep["method"]["options"].get("budget") == ratio if method == AUTO else rep["method"]["ratio"] == ratio)
         if not same_build:
             log(f"cell {i}/{len(cells)} {name}: building")
             rep = run_build(cell_config(cfg, method, ratio, cells_dir)).report.to_dict()

@@ -25,10 +25,11 @@ def write_tables(cfg, rows: list[dict], original: dict, out: Path) -> tuple[Path
     js.write_text(json.dumps({"config": asdict(cfg), "kind": kind, "original": original, "rows": rows,
                               "pareto_size": {d: sorted(v) for d, v in on_front.items()}}, indent=2, default=str) + "\n")
     qname = "embedding cosine vs original" if higher else "perplexity"
-    head = ["method", "ratio", "targeted -%", "weights MB", "model.onnx MB", "latency ms (1 thread)"] + \
+    head = ["method", "ratio (auto: budget)", "targeted -%", "weights MB", "model.onnx MB", "latency ms (1 thread)"] + \
            [f"{d} {'(in)' if d == 'wiki' else '(out)'}" for d in cfg.domains] + \
            (["polarity acc"] if higher else []) + ["export check", "on size frontier"]
-    lines = [f"# Sweep: {cfg.model}, methods {', '.join(cfg.methods)}, ratios {', '.join(f'{r:g}' for r in cfg.ratios)}",
+    lines = [f"# Sweep: {cfg.model}, methods {', '.join(cfg.methods)}, ratios {', '.join(f'{r:g}' for r in cfg.ratios)}"
+             + (f", auto at budgets {', '.join(f'{b:g}' for b in cfg.budgets)}" if "auto" in cfg.methods else ""),
              "",
              f"Quality = {qname} of model.onnx (ONNX Runtime) on {', '.join(cfg.domains)}: wiki is the held-out "
              "split (in domain), the others were never calibrated on (out of domain). Latency: ONNX Runtime CPU, "

@@ -36,9 +36,9 @@ from ..targets import get_module, set_module
 from .quant_lowrank import fit_layer, lowrank_bytes, output_err, rank_for
 
 FORMS = ("w8", "w4", "w2", "lr32", "lr8", "lr4", "qlr4", "qlr2")  # w<bits> also takes g<block>: w4g128
-DEFAULT_FORMS = "w8,w8g128,w4,w4g128,lr32,lr8,lr4,qlr4,qlr2"
+DEFAULT_FORMS = "w8,w8g128,w4,w4g128,w2,lr32,lr8,lr4,qlr4,qlr2"
 _QUANT_TOKEN = re.compile(r"^w(8|4|2)(?:g(16|32|64|128|256))?$")
-QLR_FRACS = {4: (0.01, 0.03), 2: (0.03,)}  # correction bytes (fraction of fp32) per residual width
+QLR_FRACS = {4: (0.01, 0.03), 2: (0.01, 0.03)}  # correction bytes (fraction of fp32) per residual width
 
 BUDGET = MethodOption("budget", float, 0.25, "stored bytes of the targeted layers as a fraction of their fp32 bytes",
                       min=0.0, max=1.0, min_open=True)
@@ -55,6 +55,12 @@ SELECT = MethodOption("select-windows", int, 8,
                       "held-out windows (the pydoc selection split) on which the allocation over every form is "
                       "scored against the quantized-only plans at the same budget, the best kept; 0 = no check",
                       min=0, max=256)
+MIN_QUALITY = MethodOption("min-quality", float, 0.0,
+                           "the smallest plan (searched up to --budget, the most bytes allowed) whose quality on the "
+                           "held-out selection split meets this: encoders the least mean embedding cosine to the "
+                           "original (e.g. 0.98), decoders the largest perplexity ratio (e.g. 1.1); 0 = off",
+                           min=0.0, max=100.0)
+SEARCH_STEPS = 5  # --min-quality: bisection steps over the budget (resolution 1/32 of the searched range)
 SENS_DAMP = 1e-3  # row weights + this x their mean: no output feature is free, B/sqrt(w) stays finite
 
 
@@ -211,7 +217,7 @@ class AutoMethod(Method):
     summary = "per-layer form (dense / w8 / w4 / low-rank at 32-8-4 bits / quant-lowrank) minimising calibration output error within --budget"
     needs_calibration = True
     blockwise = False  # one global allocation over every target
-    options = (BUDGET, FORMS_OPT, RANK_STEPS, QLR_ROUNDS, WEIGHTING, SELECT)
+    options = (BUDGET, FORMS_OPT, RANK_STEPS, QLR_ROUNDS, WEIGHTING, SELECT, MIN_QUALITY)
 
     def check_options(self, options: dict) -> None:
         parse_forms(options.get("forms", DEFAULT_FORMS))
@@ -227,8 +233,7 @@ class AutoMethod(Method):
     def check_reachable(self, shapes: dict[str, tuple[int, int]], plans: dict[str, list[Form]], budget: float,
                         spec: QuantSpec, elem: dict[str, int]) -> int:
         """Budget in bytes; UserError naming the smallest reachable --budget when the cheapest forms exceed it."""
-        full = sum(o * i * elem[n] for n, (o, i) in shapes.items())
-        least = sum(min(form_bytes(f, o, i, spec, elem[n]) for f in plans[n]) for n, (o, i) in shapes.items())
+        full, least = full_bytes(shapes, elem), check_least(shapes, plans, spec, elem)
         cap = int(budget * full)
         if least > cap:
             need = math.ceil(least / full * 1e4) / 1e4
@@ -250,6 +255,8 @@ class AutoMethod(Method):
         plans = self.plan_forms(shapes, ctx.options, spec, elem)
         cap = self.check_reachable(shapes, plans, float(ctx.opt("budget", 0.25)), spec, elem)
         rounds = int(ctx.opt("correction_rounds", 2))
+        minq = float(ctx.opt("min_quality", 0.0) or 0.0)
+        bar = QualityBar.for_kind(calib.loaded.kind, minq) if minq else None
         grams = calib.grams(model, targets)
         originals = {t: get_module(model, t) for t in targets}  # the layers as given (the held-out check swaps them)
         weights = self._row_weights(model, targets, calib, ctx)
@@ -275,7 +282,13 @@ class AutoMethod(Method):
                 built[(name, j)], rels[(name, j)] = new, rel
             return built[(name, j)]
 
-        label, held_out = self._select(model, originals, alts, layer_for, calib, ctx)
+        n = max(int(ctx.opt("select_windows", 8)), 8 if bar else 0)
+        check = SelectionCheck(calib.loaded, model, n, calib.config.length, ctx.seed, device=ctx.device) if n else None
+        if bar is None:
+            label, held_out = self._select(model, originals, alts, layer_for, check)
+        else:
+            alts, label, held_out = self._smallest_meeting(bar, model, originals, opts, plans, layer_for, built,
+                                                           check, cap, check_least(shapes, plans, spec, elem))
         alloc = alts[label]
         records = []
         for name in track(targets, "auto: build chosen forms"):
@@ -298,32 +311,69 @@ class AutoMethod(Method):
                  + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + "; --ratio is not used"]
         if held_out:
             notes.append("auto: held-out check (pydoc selection split, task loss; lower is better): "
-                         + ", ".join(f"{k} {v['loss']:.5g} ({v['bytes']:,} bytes)" for k, v in held_out.items())
+                         + ", ".join(f"{k} {v['loss']:.5g} ({check.metric} {v['quality']:.4f}, {v['bytes']:,} bytes)"
+                                   for k, v in held_out.items())
                          + f"; kept {label}")
+        if bar is not None:
+            q = held_out[label]["quality"]
+            notes.append(f"auto: --min-quality {bar.target:g}: the smallest plan found whose held-out {bar.metric} "
+                         f"meets it: {q:.4f} at {alloc.bytes_after:,} bytes ({alloc.bytes_after / full_bytes(shapes, elem):.4f} "
+                         f"of the fp32 bytes; bisection over the budget, {SEARCH_STEPS} steps)")
         return CompressResult(records, notes=notes, extra={"budget_bytes": cap, "chosen_bytes": alloc.bytes_after,
                                                            "predicted_error": alloc.error, "lambda": alloc.lam,
                                                            "forms": counts, "plan": label, "held_out": held_out})
 
     @staticmethod
     def _select(model: nn.Module, originals: dict[str, nn.Module], alts: dict[str, ChoiceAllocation], layer_for,
-                calib, ctx: CompressContext) -> tuple[str, dict]:
+                check: SelectionCheck | None, always: bool = False) -> tuple[str, dict]:
         """The plan (of `alternatives`) with the lowest task loss on held-out selection windows."""
-        n = int(ctx.opt("select_windows", 8))
-        if n == 0 or len(alts) == 1:
+        if check is None or (len(alts) == 1 and not always):
             return next(iter(alts)), {}
-        check = SelectionCheck(calib.loaded, model, n, calib.config.length, ctx.seed, device=ctx.device)
         targets, scores = list(originals), {}
         try:
             for label, a in alts.items():
                 for t in track(targets, f"auto: held-out check of '{label}'"):
                     new = layer_for(t, a.choice[t])
                     set_module(model, t, originals[t] if new is None else new)
-                scores[label] = {"loss": check.loss(model), "bytes": a.bytes_after,
+                loss = check.loss(model)
+                scores[label] = {"loss": loss, "quality": round(check.quality(loss), 6), "bytes": a.bytes_after,
                                  "predicted_error": float(f"{a.error:.6g}")}
         finally:
             for t in targets:
                 set_module(model, t, originals[t])
         return min(scores, key=lambda k: scores[k]["loss"]), scores
+
+    def _smallest_meeting(self, bar: "QualityBar", model: nn.Module, originals: dict[str, nn.Module], opts: dict,
+                          plans: dict[str, list[Form]], layer_for, built: dict, check: SelectionCheck, cap: int,
+                          least: int) -> tuple[dict[str, ChoiceAllocation], str, dict]:
+        """--min-quality: bisect the byte budget between the cheapest forms and --budget for the smallest
+        plan whose held-out quality meets the bar; a UserError naming the best reached when even --budget fails."""
+
+        def at(c: int) -> tuple[dict, str, dict]:
+            alts = alternatives(opts, plans, c)
+            label, held = self._select(model, originals, alts, layer_for, check, always=True)
+            return alts, label, held
+
+        best = at(cap)
+        q = best[2][best[1]]["quality"]
+        if not bar.met(q):
+            raise UserError(f"--min-quality {bar.target:g} is not reached within --budget: the best held-out {bar.metric} "
+                            f"is {q:.4f} at {best[0][best[1]].bytes_after:,} bytes",
+                            f"raise --budget (now {cap:,} bytes) or lower --min-quality to {q:.4f}")
+        lo, hi = least, best[0][best[1]].bytes_after
+        for _ in range(SEARCH_STEPS):
+            if hi - lo <= 1:
+                break
+            mid = (lo + hi) // 2
+            trial = at(mid)
+            if bar.met(trial[2][trial[1]]["quality"]):
+                best, hi = trial, trial[0][trial[1]].bytes_after
+            else:
+                lo = mid
+            keep = best[0][best[1]].choice  # bounded memory: only the best plan's layers stay built
+            for key in [k for k in built if keep.get(k[0]) != k[1]]:
+                del built[key]
+        return best
 
     @staticmethod
     def _row_weights(model: nn.Module, targets: list[str], calib, ctx: CompressContext) -> dict[str, torch.Tensor]:
@@ -341,6 +391,39 @@ class AutoMethod(Method):
              row_weight: torch.Tensor | None = None) -> LayerFit:
         rmax = max([f.rank for f in forms if f.family == "lowrank"], default=1)
         return LayerFit(layer.weight.detach().to(ctx.device), G.to(ctx.device), layer.bias, rmax, row_weight)
+
+
+@dataclass(frozen=True)
+class QualityBar:
+    """--min-quality for the model's kind: encoders at least this cosine, decoders at most this perplexity ratio."""
+
+    target: float
+    metric: str
+    higher_is_better: bool
+
+    @staticmethod
+    def for_kind(kind: str, target: float) -> "QualityBar":
+        if kind == "encoder":
+            if not 0 < target <= 1:
+                raise UserError(f"--min-quality {target:g} is not a cosine",
+                                "encoders take the least mean embedding cosine to the original, e.g. --min-quality 0.98")
+            return QualityBar(target, "mean embedding cosine", True)
+        if target < 1:
+            raise UserError(f"--min-quality {target:g} is not a perplexity ratio",
+                            "decoders take the largest perplexity ratio to the original (>= 1), e.g. --min-quality 1.1")
+        return QualityBar(target, "perplexity ratio", False)
+
+    def met(self, quality: float) -> bool:
+        return quality >= self.target if self.higher_is_better else quality <= self.target
+
+
+def full_bytes(shapes: dict[str, tuple[int, int]], elem: dict[str, int]) -> int:
+    return sum(o * i * elem[n] for n, (o, i) in shapes.items())
+
+
+def check_least(shapes: dict[str, tuple[int, int]], plans: dict[str, list[Form]], spec: QuantSpec, elem: dict[str, int]) -> int:
+    """Bytes of every targeted layer in its cheapest form: the smallest reachable budget."""
+    return sum(min(form_bytes(f, o, i, spec, elem[n]) for f in plans[n]) for n, (o, i) in shapes.items())
 
 
 PLAN_FAMILIES = (("all forms", None), ("quantized forms", ("dense", "quant", "qlr")), ("dense quantized", ("dense", "quant")))
