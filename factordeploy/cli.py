@@ -23,6 +23,7 @@ from .passes.precision import PRECISIONS
 from .pretrain import PretrainConfig, run_pretrain
 from .pretrain.arch import ARCHS, PRESETS
 from .progress import set_quiet
+from .report import quality_verdict
 from .ranges import Choice, DEVICE, SEED_MAX, Float, InPath, Int, OneLineUsageError, OutPath, Text, Triple
 from .recover.adapters import ADAPTERS
 from .recover.stage import RecoveryConfig
@@ -246,6 +247,7 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
     r = res.report
     click.echo(f"built {res.out}/model.onnx: targeted bytes -{r.size.targeted_reduction * 100:.1f}%, "
                f"export check {'passed' if r.fidelity.passed else 'FAILED'} (max abs {r.fidelity.max_abs:.2g})")
+    click.echo(quality_verdict(r.model["kind"], r.quality))
     q = r.quantize
     if q and q.get("mode") == "int8":
         click.echo(f"int8 artifact: {q['bytes_before'] / 1e6:.1f} -> {q['bytes_after'] / 1e6:.1f} MB "

@@ -127,10 +127,33 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+# The default bar a build is held to in the report's first lines (held-out evaluation split, vs the
+# original): what a user would still ship - near-identical embeddings, or at most a quarter more perplexity.
+QUALITY_BAR = {"encoder": 0.95, "decoder": 1.25}
+
+
+def quality_verdict(kind: str, quality: dict | None) -> str:
+    """One line: whether the compressed model meets QUALITY_BAR, with the figure (or why it is not known)."""
+    comp, orig = (quality or {}).get("compressed"), (quality or {}).get("original") or {}
+    if not comp:
+        return "quality bar: not measured (the build ran with --no-eval)"
+    if kind == "encoder":
+        v, bar = comp["embedding_cosine_mean"], QUALITY_BAR["encoder"]
+        return (f"quality bar: {'MET' if v >= bar else 'NOT MET'} - mean embedding cosine to the original {v:.4f} "
+                f"{'>=' if v >= bar else '<'} {bar} on the held-out evaluation split")
+    v, bar = comp["perplexity"] / orig["perplexity"], QUALITY_BAR["decoder"]
+    return (f"quality bar: {'MET' if v <= bar else 'NOT MET'} - perplexity {v:.3f}x the original's "
+            f"({comp['perplexity']:.2f} vs {orig['perplexity']:.2f}) {'<=' if v <= bar else '>'} {bar}x on the held-out evaluation split")
+
+
 def render_markdown(r: dict) -> str:
     s, q = r["size"], r.get("quality") or {}
+    verdict = quality_verdict(r["model"]["kind"], q)
     lines = [
         f"# factordeploy report: {r['model']['name']} / {r['method']['name']} (ratio {r['method']['ratio']})",
+        "",
+        f"**{verdict[0].upper() + verdict[1:]}.** Targeted bytes {s['targeted_reduction'] * -100:+.1f}%, export check "
+        f"{'passed' if r['fidelity']['passed'] else 'FAILED'}.",
         "",
         f"Model: `{r['model']['name']}` ({r['model']['kind']}), source `{r['model']['source']}`.  ",
         f"Method: `{r['method']['name']}` - {r['method']['summary']}.  ",

@@ -322,3 +322,16 @@ def test_quality_bar_reads_the_target_by_model_kind():
         QualityBar.for_kind("encoder", 1.1)
     with pytest.raises(UserError, match="not a perplexity ratio"):
         QualityBar.for_kind("decoder", 0.9)
+
+
+def test_quality_verdict_states_the_bar_and_the_figure():
+    from factordeploy.report import QUALITY_BAR, quality_verdict
+
+    enc = {"compressed": {"embedding_cosine_mean": 0.97}, "original": {"embedding_cosine_mean": 1.0}}
+    assert quality_verdict("encoder", enc).startswith("quality bar: MET - mean embedding cosine to the original 0.9700 >= 0.95")
+    dec = {"compressed": {"perplexity": 20.0}, "original": {"perplexity": 16.0}}
+    line = quality_verdict("decoder", dec)
+    assert QUALITY_BAR["decoder"] == 1.25 and "MET - perplexity 1.250x" in line and "NOT" not in line
+    dec["compressed"]["perplexity"] = 20.1
+    assert "NOT MET - perplexity 1.256x" in quality_verdict("decoder", dec)
+    assert "not measured" in quality_verdict("encoder", {})

@@ -36,6 +36,9 @@ def test_artifacts_and_no_leftovers(minilm_build):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     md = (out / "report.md").read_text()
     assert "PASSED" in md and "Latency" in md and "polarity" in md
+    # the first lines say whether this is a model worth shipping: svd at 0.5 is not (cosine ~0.35)
+    cos = rep["quality"]["compressed"]["embedding_cosine_mean"]
+    assert f"**Quality bar: NOT MET - mean embedding cosine to the original {cos:.4f} < 0.95" in md.splitlines()[2]
 
 
 def test_report_sizes_match_hand_computation(minilm_build):

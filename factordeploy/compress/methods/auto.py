@@ -1,13 +1,18 @@
 """`auto`: per-layer choice of form (dense, quantized, low-rank, quant-lowrank) within one byte budget.
 
 `--budget B`: the targeted layers' stored bytes as a fraction of their fp32 bytes. For every targeted
-layer each candidate form (`--forms`) is built the way the build stores it and scored by its relative
-squared calibration OUTPUT error ||(W - W_hat) L||^2 / ||W L||^2 (L L^T = X^T X, as budget.py's measured
-allocation), next to its exact stored bytes (the layer's own `stored_bytes`). budget.allocate_choices then
-solves the multiple-choice knapsack (Lagrangian + greedy fill) and the chosen form replaces the layer.
+layer each candidate form (`--forms`) is built the way the build stores it and scored by its calibration
+OUTPUT error (L L^T = X^T X, as budget.py's measured allocation), weighed per output feature by the task
+loss's squared gradient (`--weighting fisher`: a predicted loss increase, so layers the loss feels more
+get the bytes) or relative per layer (`relative`), next to its exact stored bytes (the layer's own
+`stored_bytes`). budget.allocate_choices solves the multiple-choice knapsack (Lagrangian + greedy fill)
+over every form and over the quantized families alone; a held-out check (compress/selection.py) keeps
+the plan with the lowest task loss, and the chosen forms replace the layers. `--min-quality` searches
+the budget for the smallest plan meeting a held-out quality bar.
 
 Forms (tokens of `--forms`; dense fp32 is always a candidate):
-* `w8`, `w4`, `w2`: DenseLinear with block-quantized weights (the build's quantizer and --quant-* grid);
+* `w8`, `w4`, `w2` (optionally `g<block>`, e.g. `w4g128`): DenseLinear with block-quantized weights
+  (the build's quantizer and --quant-* grid);
 * `lr32`, `lr8`, `lr4`: whitened-SVD low rank (one SVD per layer serves every rank; fp32 errors from
   the singular values), factors stored at 32, 8 or 4 bits, the QUANTIZED factors' error measured;
 * `qlr4`, `qlr2`: quant-lowrank, W ~ Q_b(W - BA) + BA with an 8-bit correction of a few ranks.
