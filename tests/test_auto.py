@@ -212,6 +212,9 @@ def test_build_meets_the_budget_and_the_file_holds_the_counted_bytes(auto_build)
     assert abs(on_disk - sz["bytes_after"]) <= 0.01 * sz["bytes_after"], (on_disk, sz["bytes_after"])
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0 and "forms:" in r.output, r.output
+    kept = rep["method"]["extra"]["plan"]
+    if rep["method"]["extra"]["held_out"]:
+        assert f"plan '{kept}' (kept): predicted summed error" in r.output, r.output
 
 
 def test_build_keeps_the_plan_with_the_lowest_held_out_loss(auto_build):

@@ -55,6 +55,8 @@ def summarize(bf: BuildFolder) -> dict:
         "size": r["size"],
         "layers": layer_summary(r.get("layers", [])),
         "forms": form_summary(r.get("layers", [])),
+        "plans": (r["method"].get("extra") or {}).get("held_out") or {},
+        "plan": (r["method"].get("extra") or {}).get("plan"),
         "files": files,
         "graph": {"nodes": len(graph.graph.node), "factorized_layers_in_graph": len(named),
                   "factorized_layers_in_report": expected,
@@ -90,6 +92,10 @@ def render(s: dict) -> str:
                      f"{_mb(row['bytes_after'])}" + (f"  {params}" if params else ""))
     if s.get("forms"):
         lines.append("forms: " + ", ".join(f"{k} x{v}" for k, v in s["forms"].items()))
+    for label, v in (s.get("plans") or {}).items():  # auto: each plan's predicted error beside its measured held-out loss
+        lines.append(f"plan '{label}'{' (kept)' if label == s.get('plan') else ''}: predicted summed error "
+                     f"{v.get('predicted_error')}, measured held-out loss {v['loss']:.5g}"
+                     + (f" (quality {v['quality']:.4f})" if "quality" in v else "") + f", {v['bytes']:,} bytes")
     g = s["graph"]
     lines.append(f"graph: {g['nodes']} nodes, {g['factorized_layers_in_graph']} factorized layers named in model.onnx "
                  f"(report: {g['factorized_layers_in_report']})" + ("" if g["consistent"] else "  INCONSISTENT"))
