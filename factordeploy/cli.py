@@ -266,7 +266,7 @@ def build(model, method, ratio, out, overwrite, device, seed, calib, calib_len, 
 
         echo_repository(res.out / "triton", write_repository(res.out, r.to_dict(), res.out / "triton"))
     elif q and "layers_quantized" in q:
-        click.echo(f"weight-only {q['mode'] if q['mode'] != 'none' else '(LM head)'}: {q['layers_quantized']} layers, block-linear bytes "
+        click.echo(f"weight-only {q['mode'] if q['mode'] != 'none' else '(LM head / table)'}: {q['layers_quantized']} layers, block-linear bytes "
                    f"{q['bytes_before'] / 1e6:.2f} -> {q['bytes_after'] / 1e6:.2f} MB; "
                    + (f"embedding table {q['embedding']['bytes_before'] / 1e6:.1f} -> {q['embedding']['bytes_after'] / 1e6:.1f} MB ({q['embedding']['form']}); "
                       if q.get("embedding") else "") + f"model.onnx {q.get('model_onnx_bytes', 0) / 1e6:.1f} MB")

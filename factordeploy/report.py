@@ -150,7 +150,9 @@ def render_markdown(r: dict) -> str:
     s, q = r["size"], r.get("quality") or {}
     verdict = quality_verdict(r["model"]["kind"], q)
     lines = [
-        f"# factordeploy report: {r['model']['name']} / {r['method']['name']} (ratio {r['method']['ratio']})",
+        f"# factordeploy report: {r['model']['name']} / {r['method']['name']} ("
+        + (f"budget {r['method']['options']['budget']}" if "budget" in (r["method"].get("options") or {})
+           else f"ratio {r['method']['ratio']}") + ")",
         "",
         f"**{verdict[0].upper() + verdict[1:]}.** Targeted bytes {s['targeted_reduction'] * -100:+.1f}%, export check "
         f"{'passed' if r['fidelity']['passed'] else 'FAILED'}.",
