@@ -338,3 +338,13 @@ def test_quality_verdict_states_the_bar_and_the_figure():
     dec["compressed"]["perplexity"] = 20.1
     assert "NOT MET - perplexity 1.256x" in quality_verdict("decoder", dec)
     assert "not measured" in quality_verdict("encoder", {})
+
+
+def test_head_bits_follow_the_bits_holding_most_block_bytes():
+    from factordeploy.stages import head_bits
+
+    lay = lambda fam, bits, n: {"metrics": {"family": fam, "bits": bits}, "bytes_after": n}  # noqa: E731
+    assert head_bits({"bits": 2}, [lay("quant", 8, 10)]) == 2  # quant-lowrank: its --bits
+    assert head_bits({}, [lay("quant", 8, 100), lay("quant", 4, 60), lay("qlr", 4, 30)]) == 8
+    assert head_bits({}, [lay("quant", 8, 100), lay("quant", 4, 60), lay("qlr", 4, 50)]) == 4
+    assert head_bits({}, [lay("lowrank", 8, 100), lay("dense", 32, 500)]) == 4  # nothing quantized: the default
