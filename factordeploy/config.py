@@ -188,6 +188,9 @@ def check_quant_config(cfg: BuildConfig) -> None:
         if not cfg.quant_sym:
             raise UserError("TensorRT's QDQ weights are symmetric (its parser refuses unsigned codes with zero points)",
                             "drop --quant-asym, or use --backend ort")
+    if cfg.backend in (FULL, RTX) and cfg.options.get("budget_latency"):
+        raise UserError("--budget-latency is measured on ONNX Runtime's CPU kernels; TensorRT's need its GPU",
+                        "build with --backend ort, or give --budget (bytes) alone for a TensorRT engine")
 
 
 def check_engine_config(cfg: BuildConfig) -> None:

@@ -185,6 +185,44 @@ def allocate_choices(opts: Options, budget: int, iters: int = 80) -> ChoiceAlloc
     return ChoiceAllocation(choice, lam, total, budget, err)
 
 
+def allocate_choices_within(opts: Options, budget: int, costs: dict[str, torch.Tensor], cost_budget: float,
+                            iters: int = 40) -> ChoiceAllocation | None:
+    """`allocate_choices` under a second budget on another cost per candidate (e.g. measured latency):
+    a Lagrange multiplier mu on that cost, errors + mu * cost, bisected (log scale) to the smallest mu
+    whose byte-feasible plan also fits `cost_budget`. None when no mu makes both fit. The returned
+    `error` is the plain summed error of the plan (without the mu term)."""
+    def at(mu: float) -> tuple[ChoiceAllocation | None, float]:
+        shifted = {n: (e + mu * costs[n].to(e.dtype), b) for n, (e, b) in opts.items()}
+        try:
+            a = allocate_choices(shifted, budget)
+        except ValueError:
+            return None, math.inf
+        return a, sum(float(costs[n][j]) for n, j in a.choice.items())
+
+    def plain(a: ChoiceAllocation) -> ChoiceAllocation:
+        return ChoiceAllocation(a.choice, a.lam, a.bytes_after, a.bytes_budget,
+                                sum(float(opts[n][0][j]) for n, j in a.choice.items()))
+
+    a, c = at(0.0)
+    if a is None:
+        return None
+    if c <= cost_budget:
+        return plain(a)
+    scale = sum(float(e.max()) for e, _ in opts.values()) / max(cost_budget, 1e-30) or 1.0
+    lo, hi = math.log10(scale) - 12, math.log10(scale) + 6
+    best, c = at(10.0 ** hi)
+    if best is None or c > cost_budget:
+        return None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        a, c = at(10.0 ** mid)
+        if a is not None and c <= cost_budget:
+            hi, best = mid, a
+        else:
+            lo = mid
+    return plain(best)
+
+
 def _next_rank(errs: torch.Tensor, j: int) -> list[int]:
     """Rank curves: one more rank, or dense (slot 0) after the last rank; dense has no upgrade."""
     return [] if j == 0 else [j + 1 if j + 1 < len(errs) else 0]

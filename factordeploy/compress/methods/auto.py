@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from ...progress import track
+from ...progress import log, track
 from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
-from ..budget import ChoiceAllocation, allocate_choices, max_useful_rank
+from ..budget import ChoiceAllocation, allocate_choices, allocate_choices_within, max_useful_rank
+from ..latency import Kernel, LatencyModel, latency_model
 from ..layers import DenseLinear, FactorizedLinear, LowRankLinear, QuantLowRankLinear, balance_factors
 from ..linalg import Factors, gram_factor, whitened_svd
 from ..quant import QuantizedMatrix, QuantSpec, quant_bytes
@@ -65,6 +66,13 @@ MIN_QUALITY = MethodOption("min-quality", float, 0.0,
                            "held-out selection split meets this: encoders the least mean embedding cosine to the "
                            "original (e.g. 0.98), decoders the largest perplexity ratio (e.g. 1.1); 0 = off",
                            min=0.0, max=100.0)
+BUDGET_LATENCY = MethodOption("budget-latency", float, 0.0,
+                              "the targeted layers' batch-1 decode latency on ONNX Runtime's CPU kernels (measured per "
+                              "kernel on this machine, compress/latency.py) as a fraction of theirs in fp32; applies "
+                              "together with --budget (give --budget 1 for latency alone); 0 = off",
+                              min=0.0, max=1.0)
+LATENCY_THREADS = MethodOption("latency-threads", int, 1, "threads the --budget-latency kernels are timed with "
+                               "(the decode's intra-op threads)", min=1, max=256)
 SEARCH_STEPS = 5  # --min-quality: bisection steps over the budget (resolution 1/32 of the searched range)
 SENS_DAMP = 1e-3  # row weights + this x their mean: no output feature is free, B/sqrt(w) stays finite
 
@@ -130,6 +138,35 @@ def form_bytes(f: Form, out_f: int, in_f: int, spec: QuantSpec, elem: int = 4) -
     if f.family == "lowrank":
         return lowrank_bytes(out_f, in_f, f.rank, None if f.bits == 32 else _spec(spec, f.bits))
     return quant_bytes(in_f, out_f, _spec(spec, f.bits)) + lowrank_bytes(out_f, in_f, f.rank, _spec(spec, 8))
+
+
+def form_kernels(f: Form, spec: QuantSpec) -> set[Kernel]:
+    """Kernel kinds form `f` may run as (a factor that would not save bytes stays fp32)."""
+    if f.family == "dense":
+        return {Kernel()}
+    if f.family == "quant":
+        q = _spec(spec, f.bits, f.block)
+        return {Kernel(q.bits, q.block, q.symmetric)}
+    lr = None if f.bits == 32 and f.family == "lowrank" else _spec(spec, 8 if f.family == "qlr" else f.bits)
+    out = {Kernel()} | ({Kernel(lr.bits, lr.block, lr.symmetric)} if lr else set())
+    if f.family == "qlr":
+        q = _spec(spec, f.bits)
+        out.add(Kernel(q.bits, q.block, q.symmetric))
+    return out
+
+
+def form_latency(f: Form, out_f: int, in_f: int, spec: QuantSpec, lm: LatencyModel) -> float:
+    """Predicted batch-1 microseconds of the nodes form `f` exports (one MatMul / MatMulNBits per stored
+    factor; quant-lowrank's sum costs one more node's overhead)."""
+    if f.family == "dense":
+        return lm.us(Kernel(), in_f, out_f)
+    if f.family == "quant":
+        return lm.factor_us(in_f, out_f, _spec(spec, f.bits, f.block))
+    lr = None if f.family == "lowrank" and f.bits == 32 else _spec(spec, 8 if f.family == "qlr" else f.bits)
+    us = lm.factor_us(in_f, f.rank, lr) + lm.factor_us(f.rank, out_f, lr)
+    if f.family == "qlr":
+        us += lm.factor_us(in_f, out_f, _spec(spec, f.bits)) + lm.coef[Kernel().key][0]
+    return us
 
 
 class LayerFit:
@@ -222,7 +259,7 @@ class AutoMethod(Method):
     summary = "per-layer form (dense / w8 / w4 / low-rank at 32-8-4 bits / quant-lowrank) minimising calibration output error within --budget"
     needs_calibration = True
     blockwise = False  # one global allocation over every target
-    options = (BUDGET, FORMS_OPT, RANK_STEPS, QLR_ROUNDS, WEIGHTING, SELECT, MIN_QUALITY)
+    options = (BUDGET, FORMS_OPT, RANK_STEPS, QLR_ROUNDS, WEIGHTING, SELECT, MIN_QUALITY, BUDGET_LATENCY, LATENCY_THREADS)
 
     def check_options(self, options: dict) -> None:
         parse_forms(options.get("forms", DEFAULT_FORMS))
@@ -247,11 +284,37 @@ class AutoMethod(Method):
                             f"use --budget {need} or more, or add cheaper --forms")
         return cap
 
+    def latencies(self, shapes: dict[str, tuple[int, int]], plans: dict[str, list[Form]], options: dict,
+                  spec: QuantSpec) -> tuple[dict[str, torch.Tensor], float, float] | None:
+        """--budget-latency: (predicted us of every candidate per layer, the cap in us, the fp32 us), or
+        None when off. UserError naming the smallest reachable fraction when even the fastest forms exceed it."""
+        frac = float(options.get("budget_latency") or 0.0)
+        if not frac:
+            return None
+        if spec.grid == "positive":
+            raise UserError("--budget-latency is measured on ONNX Runtime's CPU kernels, not TensorRT's",
+                            "build with --backend ort, or use --budget (bytes) for a TensorRT engine")
+        kernels = set().union(*(form_kernels(f, spec) for fs in plans.values() for f in fs))
+        lm = latency_model(kernels, int(options.get("latency_threads") or 1),
+                           on_measure=lambda k: log(f"auto: timing kernel {k.key} (once per machine, cached)"))
+        lats = {n: torch.tensor([form_latency(f, o, i, spec, lm) for f in plans[n]], dtype=torch.float64)
+                for n, (o, i) in shapes.items()}
+        fp32 = sum(lm.us(Kernel(), i, o) for o, i in shapes.values())
+        least = sum(float(v.min()) for v in lats.values())
+        if least > frac * fp32:
+            need = math.ceil(least / fp32 * 1e4) / 1e4
+            raise UserError(f"--budget-latency {frac} is below the fastest reachable {need} (every targeted layer in its "
+                            f"fastest form: {least:,.0f} of {fp32:,.0f} us per token, measured kernels)",
+                            f"use --budget-latency {need} or more")
+        return lats, frac * fp32, fp32
+
     def validate_model(self, model: nn.Module, targets: list[str], options: dict) -> None:
-        """An unreachable --budget is refused from the targeted shapes alone, before calibration."""
+        """An unreachable --budget (or --budget-latency) is refused from the targeted shapes alone, before calibration."""
         shapes, elem = _shapes(model, targets)
         spec = QuantSpec()
-        self.check_reachable(shapes, self.plan_forms(shapes, options, spec, elem), float(options["budget"]), spec, elem)
+        plans = self.plan_forms(shapes, options, spec, elem)
+        self.check_reachable(shapes, plans, float(options["budget"]), spec, elem)
+        self.latencies(shapes, plans, options, spec)
 
     def compress(self, model: nn.Module, targets: list[str], ctx: CompressContext) -> CompressResult:
         calib = ctx.require_calibration()
@@ -259,6 +322,9 @@ class AutoMethod(Method):
         shapes, elem = _shapes(model, targets)
         plans = self.plan_forms(shapes, ctx.options, spec, elem)
         cap = self.check_reachable(shapes, plans, float(ctx.opt("budget", 0.25)), spec, elem)
+        timing = self.latencies(shapes, plans, ctx.options, spec)
+        lats = None if timing is None else timing[0]
+        lat_cap = None if timing is None else timing[1]
         rounds = int(ctx.opt("correction_rounds", 2))
         minq = float(ctx.opt("min_quality", 0.0) or 0.0)
         bar = QualityBar.for_kind(calib.loaded.kind, minq) if minq else None
@@ -271,7 +337,11 @@ class AutoMethod(Method):
             errs = [build(f, fit, spec, rounds)[1] for f in plans[name]]
             byts = [form_bytes(f, *shapes[name], spec, elem[name]) for f in plans[name]]
             opts[name] = (torch.tensor(errs, dtype=torch.float64), torch.tensor(byts, dtype=torch.float64))
-        alts = alternatives(opts, plans, cap)
+        alts = alternatives(opts, plans, cap, lats, lat_cap)
+        if not alts:
+            raise UserError(f"no plan meets --budget {ctx.opt('budget')} and --budget-latency {ctx.opt('budget_latency')} "
+                            "together (the forms that fit the bytes are too slow)",
+                            "raise --budget or --budget-latency")
         built: dict[tuple[str, int], nn.Module | None] = {}
         rels: dict[tuple[str, int], float] = {}
 
@@ -293,7 +363,7 @@ class AutoMethod(Method):
             label, held_out = self._select(model, originals, alts, layer_for, check)
         else:
             alts, label, held_out = self._smallest_meeting(bar, model, originals, opts, plans, layer_for, built,
-                                                           check, cap, check_least(shapes, plans, spec, elem))
+                                                           check, cap, check_least(shapes, plans, spec, elem), lats, lat_cap)
         alloc = alts[label]
         records = []
         for name in track(targets, "auto: build chosen forms"):
@@ -304,7 +374,8 @@ class AutoMethod(Method):
                 "form": f.tag, "family": f.family, "rank": f.rank, "bits": f.bits,
                 **({"block": f.block or spec.block} if f.family == "quant" else {}),
                 "bytes": int(opts[name][1][j]), "predicted_output_rel_error": round(rels[(name, j)], 8),
-                **({"predicted_loss_increase": float(f"{float(opts[name][0][j]):.6g}")} if weights else {})}))
+                **({"predicted_loss_increase": float(f"{float(opts[name][0][j]):.6g}")} if weights else {}),
+                **({"predicted_us": round(float(lats[name][j]), 2)} if lats else {})}))
         built.clear()
         counts: dict[str, int] = {}
         for r in records:
@@ -314,6 +385,12 @@ class AutoMethod(Method):
         notes = [f"auto: budget {ctx.opt('budget')} of the fp32 bytes = {cap:,} bytes, chosen {alloc.bytes_after:,} bytes; "
                  f"summed {what} {alloc.error:.4g}; forms: "
                  + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + "; --ratio is not used"]
+        if timing is not None:
+            us = sum(float(lats[n][j]) for n, j in alloc.choice.items())
+            notes.append(f"auto: --budget-latency {ctx.opt('budget_latency')}: the chosen kernels' predicted batch-1 "
+                         f"latency {us:,.0f} us per token ({us / timing[2]:.4f} of fp32 {timing[2]:,.0f} us; cap "
+                         f"{lat_cap:,.0f} us; {ctx.opt('latency_threads')} thread(s), measured kernels)"
+                         + uniform_note(plans, lats, timing[2], spec))
         if held_out:
             notes.append("auto: held-out check (pydoc selection split, task loss; lower is better): "
                          + ", ".join(f"{k} {v['loss']:.5g} ({check.metric} {v['quality']:.4f}, {v['bytes']:,} bytes)"
@@ -324,7 +401,9 @@ class AutoMethod(Method):
             notes.append(f"auto: --min-quality {bar.target:g}: the smallest plan found whose held-out {bar.metric} "
                          f"meets it: {q:.4f} at {alloc.bytes_after:,} bytes ({alloc.bytes_after / full_bytes(shapes, elem):.4f} "
                          f"of the fp32 bytes; bisection over the budget, {SEARCH_STEPS} steps)")
-        return CompressResult(records, notes=notes, extra={"budget_bytes": cap, "chosen_bytes": alloc.bytes_after,
+        extra_lat = {} if timing is None else {"budget_us": round(lat_cap, 1), "fp32_us": round(timing[2], 1),
+                                               "chosen_us": round(sum(float(lats[n][j]) for n, j in alloc.choice.items()), 1)}
+        return CompressResult(records, notes=notes, extra={**extra_lat, "budget_bytes": cap, "chosen_bytes": alloc.bytes_after,
                                                            "predicted_error": alloc.error, "lambda": alloc.lam,
                                                            "forms": counts, "plan": label, "held_out": held_out})
 
@@ -350,12 +429,15 @@ class AutoMethod(Method):
 
     def _smallest_meeting(self, bar: "QualityBar", model: nn.Module, originals: dict[str, nn.Module], opts: dict,
                           plans: dict[str, list[Form]], layer_for, built: dict, check: SelectionCheck, cap: int,
-                          least: int) -> tuple[dict[str, ChoiceAllocation], str, dict]:
+                          least: int, lats: dict | None = None,
+                          lat_cap: float | None = None) -> tuple[dict[str, ChoiceAllocation], str, dict]:
         """--min-quality: bisect the byte budget between the cheapest forms and --budget for the smallest
         plan whose held-out quality meets the bar; a UserError naming the best reached when even --budget fails."""
 
         def at(c: int) -> tuple[dict, str, dict]:
-            alts = alternatives(opts, plans, c)
+            alts = alternatives(opts, plans, c, lats, lat_cap)
+            if not alts:
+                raise UserError(f"--min-quality: no plan of {c:,} bytes meets --budget-latency", "raise --budget-latency")
             label, held = self._select(model, originals, alts, layer_for, check, always=True)
             return alts, label, held
 
@@ -434,8 +516,19 @@ def check_least(shapes: dict[str, tuple[int, int]], plans: dict[str, list[Form]]
 PLAN_FAMILIES = (("all forms", None), ("quantized forms", ("dense", "quant", "qlr")), ("dense quantized", ("dense", "quant")))
 
 
-def alternatives(opts: dict, plans: dict[str, list[Form]], cap: int) -> dict[str, ChoiceAllocation]:
-    """The allocation over every form, and over the quantized families alone (where reachable and different).
+def uniform_note(plans: dict[str, list[Form]], lats: dict[str, torch.Tensor], fp32: float, spec: QuantSpec) -> str:
+    """What w4 at the build's block on every layer would predict (the fraction ORT's own w4 compares with)."""
+    idx = {n: [j for j, f in enumerate(fs) if f.family == "quant" and f.bits == 4 and f.block in (0, spec.block)]
+           for n, fs in plans.items()}
+    if not all(idx.values()):
+        return ""
+    return f"; w4 block {spec.block} everywhere would be {sum(float(lats[n][j[0]]) for n, j in idx.items()) / fp32:.4f}"
+
+
+def alternatives(opts: dict, plans: dict[str, list[Form]], cap: int, lats: dict[str, torch.Tensor] | None = None,
+                 lat_cap: float | None = None) -> dict[str, ChoiceAllocation]:
+    """The allocation over every form, and over the quantized families alone (where reachable and different);
+    with `lats` (predicted us per candidate) each plan also keeps the summed latency within `lat_cap`.
 
     Summed per-layer predictions are exact for none of them: quantization noise adds up roughly as
     predicted, while truncation errors of many low-rank layers compound and move out of the calibration
@@ -445,7 +538,15 @@ def alternatives(opts: dict, plans: dict[str, list[Form]], cap: int) -> dict[str
         keep = {n: [j for j, f in enumerate(plans[n]) if fams is None or f.family in fams] for n in opts}
         if sum(float(opts[n][1][keep[n]].min()) for n in opts) > cap:
             continue
-        a = allocate_choices({n: (opts[n][0][keep[n]], opts[n][1][keep[n]]) for n in opts}, cap)
+        sub = {n: (opts[n][0][keep[n]], opts[n][1][keep[n]]) for n in opts}
+        if lats is None:
+            a = allocate_choices(sub, cap)
+        else:
+            if sum(float(lats[n][keep[n]].min()) for n in opts) > lat_cap:
+                continue
+            a = allocate_choices_within(sub, cap, {n: lats[n][keep[n]] for n in opts}, lat_cap)
+            if a is None:
+                continue
         a = replace(a, choice={n: keep[n][j] for n, j in a.choice.items()})
         if all(a.choice != b.choice for b in out.values()):
             out[label] = a
