@@ -95,3 +95,30 @@ def _repository_stays_clean():
     debris = sorted(n for n in {p.name for p in repo.iterdir()} - before
                     if n.endswith(".lock") or ".tmp-" in n or ".old-" in n)
     assert not debris, f"tests left {debris} in {repo}"
+
+
+@pytest.fixture
+def refused_before_calibration(monkeypatch, tmp_path):
+    """Run `deploy build ARGS` with calibration made to fail if touched; return the one stderr line of the
+    refusal (asserting exit 2, one line, nothing written)."""
+    from click.testing import CliRunner
+
+    from factordeploy.cli import main
+    from factordeploy.compress import calibration
+
+    def no_work(*a, **k):
+        raise AssertionError("calibration ran")
+
+    monkeypatch.setattr(calibration.Calibration, "grams", no_work)
+    monkeypatch.setattr(calibration.Calibration, "windows", no_work)
+
+    def run(*args: str) -> str:
+        out = tmp_path / "never"
+        r = CliRunner().invoke(main, ["build", *args, "--out", str(out), "--no-baseline", "--quiet"],
+                               catch_exceptions=False)
+        assert r.exit_code == 2, r.output
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and not out.exists(), r.stderr
+        return lines[0]
+
+    return run
