@@ -103,10 +103,7 @@ def original_onnx(session, work: Path) -> Path:
 
 def ort_anchor(original: Path, name: str, work: Path) -> Path:
     """ONNX Runtime's own quantizer on the original file: the one line a user runs instead of this project."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    from factordeploy.engines.quantize import quantize_int8
+    from factordeploy.engines.quantize import ort_weight_only, quantize_int8
 
     path = work / f"{name}.onnx"
     if path.exists():
@@ -115,11 +112,7 @@ def ort_anchor(original: Path, name: str, work: Path) -> Path:
         quantize_int8(original, path)
         return path
     bits = 8 if name == "ort-w8" else 4
-    ops = ("MatMul", "Gather") if name.endswith("+gather") else ("MatMul",)
-    cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits, accuracy_level=4, op_types_to_quantize=ops)
-    q = MatMulNBitsQuantizer(onnx.load(str(original)), algo_config=cfg)
-    q.process()
-    q.model.save_model_to_file(str(path), use_external_data_format=False)
+    ort_weight_only(original, path, bits, 32, ("MatMul", "Gather") if name.endswith("+gather") else ("MatMul",))
     return path
 
 

@@ -123,8 +123,11 @@ def echo_repository(repo, manifest: dict) -> None:
 @click.option("--calib-mode", type=Choice(["auto", "original", "sequential"]), default="auto", show_default=True,
               help="auto = each method's default; original = every cell shares one store of calibration statistics")
 @click.option("--backend", type=Choice(["auto", "trt", "trt-rtx", "ort"]), default="ort", show_default=True)
+@click.option("--anchors", type=Text(), default="ort-w8,ort-w4", show_default=True,
+              help="ONNX Runtime's own weight-only quantizer on the original, scored beside the cells "
+                   "(comma-separated from ort-w8, ort-w4; '' for none)")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def sweep_cmd(model, methods, ratios, budgets, out, seed, calib, calib_len, calib_mode, backend, quiet) -> None:
+def sweep_cmd(model, methods, ratios, budgets, out, seed, calib, calib_len, calib_mode, backend, anchors, quiet) -> None:
     """Build every METHOD x RATIO cell of MODEL (auto: x BUDGET); write a table (Markdown + JSON) and Pareto plots (PNG)."""
     from .compress.calibration import CalibrationConfig
     from .progress import set_quiet
@@ -143,7 +146,11 @@ def sweep_cmd(model, methods, ratios, budgets, out, seed, calib, calib_len, cali
         raise UserError("--methods and --ratios need at least one entry each", "pass e.g. --methods svd --ratios 0.5")
     if calib < 1 or calib_len < 8:
         raise UserError("--calib must be >= 1 and --calib-len >= 8", "pass e.g. --calib 128 --calib-len 128")
-    res = run_sweep(SweepConfig(model=model, methods=ms, ratios=rs, budgets=bs, out=out, seed=seed, backend=backend,
+    an = tuple(a.strip() for a in anchors.split(",") if a.strip())
+    bad = [a for a in an if a not in ("ort-w8", "ort-w4")]
+    if bad:
+        raise UserError(f"--anchors: unknown anchor(s) {', '.join(bad)}", "use ort-w8 and/or ort-w4, or '' for none")
+    res = run_sweep(SweepConfig(model=model, methods=ms, ratios=rs, budgets=bs, out=out, seed=seed, backend=backend, anchors=an,
                                 calib_mode=calib_mode, calib=CalibrationConfig(n=calib, length=calib_len, seed=seed)))
     click.echo(f"sweep {out}: {len(res.rows)} cells ({res.built} built now, {res.reused} reused); "
                f"table {res.table_md}; plots {', '.join(str(p) for p in res.plots)}")

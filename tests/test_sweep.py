@@ -46,6 +46,15 @@ def test_sweep_builds_resumes_and_shares_calibration(tiny_bert_dir, tmp_path):
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 10_000
     store = list((out / "calib-cache").glob("calib-*.pt"))
     assert len(store) == 1
+    # ONNX Runtime's own w8 / w4 of the original, scored and timed beside the cells, in the table and plots
+    an = {a["cell"]: a for a in data["anchors"]}
+    assert sorted(an) == ["ort-w4", "ort-w8"] and [a["cell"] for a in res.anchors] == ["ort-w8", "ort-w4"]
+    for a in an.values():
+        assert a["weights_mb"] < data["original"]["onnx_mb"] and a["latency_ms"] > 0
+        assert all(0.5 < q["cosine_mean"] <= 1.0 for q in a["quality"].values())
+    assert an["ort-w4"]["weights_mb"] < an["ort-w8"]["weights_mb"]
+    assert an["ort-w8"]["quality"]["wiki"]["cosine_mean"] >= an["ort-w4"]["quality"]["wiki"]["cosine_mean"] - 1e-4
+    assert "| ort-w4 (ORT's quantizer on the original) |" in md
 
     # same request again: nothing is rebuilt, figures unchanged
     mtime = (out / "cells" / "svd_r0.5" / "model.onnx").stat().st_mtime
@@ -105,3 +114,14 @@ def test_sweep_builds_auto_at_each_budget(tiny_bert_dir, tmp_path):
     assert "auto at budgets 0.2, 0.4" in res.table_md.read_text()
     again = run_sweep(cfg)
     assert again.built == 0 and again.reused == 3
+
+
+def test_sweep_cli_rejects_unknown_anchors(tiny_bert_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from factordeploy.cli import main
+
+    r = CliRunner().invoke(main, ["sweep", "--model", str(tiny_bert_dir), "--methods", "svd", "--ratios", "0.5",
+                                  "--anchors", "ort-w3", "--out", str(tmp_path / "s"), "--quiet"])
+    assert r.exit_code == 2 and "--anchors" in r.stderr and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "s" / "cells").exists()

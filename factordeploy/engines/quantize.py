@@ -127,3 +127,42 @@ def exact_nbits_copy(src: str | Path, dst: str | Path) -> bool:
     external = os.path.exists(str(src) + ".data")
     onnx.save_model(proto, str(dst), save_as_external_data=external, location=Path(dst).name + ".data")
     return True
+
+
+def ort_weight_only(src: str | Path, dst: str | Path, bits: int, block: int = 32,
+                    op_types: tuple[str, ...] = ("MatMul",)) -> QuantizeResult:
+    """ONNX Runtime's own weight-only quantizer on `src` (MatMulNBitsQuantizer: symmetric, RTN, `block`,
+    accuracy level 4): the one line a user runs instead of this project, the anchor every sweep and
+    benchmark compares with. Weights read through Transpose(constant) (a tied LM head) get their own
+    pre-transposed constant first, so every constant-weight MatMul is quantized, as for int8."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    import tempfile
+
+    import onnxruntime as ort
+
+    src, dst = Path(src), Path(dst)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as td:
+        # ORT's basic level folds Transpose(W) and other constant subgraphs, so every linear is
+        # MatMul(x, initializer): what MatMulNBitsQuantizer quantizes (as a user's exported file would be)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(td) / "folded.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        proto = load_onnx(Path(td) / "folded.onnx")
+    pretranspose_weights(proto)
+    total = _const_matmuls(proto)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits, accuracy_level=4,
+                                       op_types_to_quantize=op_types)
+    q = MatMulNBitsQuantizer(proto, algo_config=cfg)
+    q.process()
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    q.model.save_model_to_file(str(tmp), use_external_data_format=False)
+    os.replace(tmp, dst)
+    after = onnx.load(str(dst), load_external_data=False)
+    done = sum(1 for n in after.graph.node if n.op_type == "MatMulNBits")
+    return QuantizeResult(f"ort-w{bits}", str(dst), _file_bytes(src), _file_bytes(dst), done, total)

@@ -47,7 +47,7 @@ def write_plots(cfg, kind: str, rows: list[dict], original: dict, out: Path) -> 
 
     higher = kind == "encoder"
     ylabel = "mean embedding cosine vs original" if higher else "perplexity"
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows if not r.get("anchor")))
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
     paths = []
     for key, xlabel, fname in AXES:
@@ -61,6 +61,10 @@ def write_plots(cfg, kind: str, rows: list[dict], original: dict, out: Path) -> 
                 pts.append((x, y, r["cell"]))
                 if r is original:
                     ax.scatter([x], [y], marker="*", s=160, color="black", zorder=3, label="original")
+                elif r.get("anchor"):
+                    ax.scatter([x], [y], marker="s", s=60, color="tab:red", zorder=4,
+                               label="ONNX Runtime's w8 / w4 of the original" if r["method"] == "ort-w4" else None)
+                    ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8, color="tab:red")
                 else:
                     c = colors[r["method"]]
                     ax.scatter([x], [y], s=46, zorder=3, edgecolors=c, linewidths=1.5,

@@ -54,6 +54,9 @@ class SweepConfig:
     # `auto` among the methods is built at each of these budgets (its --budget: stored bytes of the targeted
     # layers as a fraction of fp32) instead of at the ratios; the rows carry the budget in their `ratio` field
     budgets: tuple[float, ...] = (0.1562, 0.25)
+    # ONNX Runtime's own weight-only quantizer on the original's ONNX (MatMulNBitsQuantizer, block 32): what a
+    # user runs instead of this project, scored and timed beside the cells (rows marked "anchor")
+    anchors: tuple[str, ...] = ("ort-w8", "ort-w4")
 
     def cells(self) -> list[tuple[str, float]]:
         return [(m, r) for m in self.methods for r in (self.budgets if m == AUTO else self.ratios)]
@@ -68,6 +71,7 @@ class SweepResult:
     plots: list[Path]
     built: int = 0
     reused: int = 0
+    anchors: list[dict] = field(default_factory=list)  # ONNX Runtime's w8 / w4 of the original, scored alike
 
 
 AUTO = "auto"
@@ -194,13 +198,14 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         rows.append(row)
 
     original = original_row(loaded, rows, out)
-    measure_latencies(loaded, rows, original, out, cfg)
+    anchors = anchor_rows(cfg, rows, out, scorer)
+    measure_latencies(loaded, [*rows, *anchors], original, out, cfg)
     from .pareto import write_plots
     from .table import write_tables
 
-    md, js = write_tables(cfg, rows, original, out)
-    plots = write_plots(cfg, loaded.kind, rows, original, out)
-    return SweepResult(rows, original, md, js, plots, built, reused)
+    md, js = write_tables(cfg, [*rows, *anchors], original, out)
+    plots = write_plots(cfg, loaded.kind, [*rows, *anchors], original, out)
+    return SweepResult(rows, original, md, js, plots, built, reused, anchors)
 
 
 def _baseline(rows: list[dict], out: Path) -> Path | None:
@@ -215,7 +220,8 @@ def measure_latencies(loaded: LoadedModel, rows: list[dict], original: dict, out
     comparable across cells (other jobs come and go). The plots use these instead.
     """
     base = _baseline(rows, out)
-    paths = [out / "cells" / r["cell"] / "model.onnx" for r in rows] + ([base] if base else [])
+    paths = [Path(r["onnx_path"]) if r.get("onnx_path") else out / "cells" / r["cell"] / "model.onnx"
+             for r in rows] + ([base] if base else [])
     log(f"latency of {len(paths)} models, interleaved (ONNX Runtime, 1 thread, batch 1 x 128)")
     vocab = int(getattr(loaded.model.config, "vocab_size", 1000))
     ms = ortmod.interleaved_latency(paths, 1, 128, vocab, rounds=cfg.latency_rounds, runs_per_round=3, threads=1)
@@ -224,6 +230,37 @@ def measure_latencies(loaded: LoadedModel, rows: list[dict], original: dict, out
     original["latency_ms"] = ms[-1] if base else None
     for r in [*rows, original]:
         r["latency_point"] = "1x128, 1 thread"
+
+
+ANCHOR_BITS = {"ort-w8": 8, "ort-w4": 4}
+
+
+def anchor_rows(cfg: SweepConfig, rows: list[dict], out: Path, scorer: DomainScorer) -> list[dict]:
+    """ONNX Runtime's quantizer on the original (a cell's baseline.onnx), each scored like a cell; cached
+    in OUT/anchors/<name>.onnx and .json. None without a baseline (every cell built with --no-baseline)."""
+    from ..engines.quantize import ort_weight_only
+
+    base = _baseline(rows, out)
+    if base is None or not cfg.anchors:
+        return []
+    folder = out / "anchors"
+    folder.mkdir(exist_ok=True)
+    found = []
+    for name in cfg.anchors:
+        path, row_path = folder / f"{name}.onnx", folder / f"{name}.json"
+        want = {"model": cfg.model, "anchor": name, "sample": asdict(cfg.sample), "domains": list(cfg.domains)}
+        if row_path.is_file() and path.is_file() and json.loads(row_path.read_text()).get("config") == want:
+            found.append(json.loads(row_path.read_text()))
+            continue
+        log(f"anchor {name}: ONNX Runtime's MatMulNBitsQuantizer on the original (block 32, symmetric, RTN)")
+        ort_weight_only(base, path, ANCHOR_BITS[name], 32)
+        mb = os.path.getsize(path) / 1e6
+        row = {"config": want, "cell": name, "method": name, "anchor": True, "ratio": 0.0, "targeted_reduction": None,
+               "weights_mb": mb, "onnx_mb": mb, "onnx_path": str(path), "export_check": None,
+               "quality": scorer.score(OrtModel(path))}
+        _write_json(row_path, row)
+        found.append(row)
+    return found
 
 
 def original_row(loaded: LoadedModel, rows: list[dict], out: Path) -> dict:

@@ -22,7 +22,9 @@ def write_tables(cfg, rows: list[dict], original: dict, out: Path) -> tuple[Path
                if quality_value(r, d, kind) is not None]
         on_front[d] = {p[2] for p in frontier(pts, higher)}
     js = out / "sweep.json"
-    js.write_text(json.dumps({"config": asdict(cfg), "kind": kind, "original": original, "rows": rows,
+    js.write_text(json.dumps({"config": asdict(cfg), "kind": kind, "original": original,
+                              "rows": [r for r in rows if not r.get("anchor")],
+                              "anchors": [r for r in rows if r.get("anchor")],
                               "pareto_size": {d: sorted(v) for d, v in on_front.items()}}, indent=2, default=str) + "\n")
     qname = "embedding cosine vs original" if higher else "perplexity"
     head = ["method", "ratio (auto: budget)", "targeted -%", "weights MB", "model.onnx MB", "latency ms (1 thread)"] + \
@@ -38,7 +40,9 @@ def write_tables(cfg, rows: list[dict], original: dict, out: Path) -> tuple[Path
              f"{cfg.calib.length} tokens, collected once for all cells.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in [original, *rows]:
-        cells = [r["method"], _f(r["ratio"], 2) if r is not original else "-", _f(r["targeted_reduction"] * 100, 1),
+        tr = r.get("targeted_reduction")
+        cells = [r["method"] + (" (ORT's quantizer on the original)" if r.get("anchor") else ""),
+                 _f(r["ratio"], 2) if r is not original and not r.get("anchor") else "-", _f(None if tr is None else tr * 100, 1),
                  _f(r["weights_mb"]), _f(r.get("onnx_mb")), _f(r.get("latency_ms"))]
         cells += [_f(quality_value(r, d, kind), 4 if higher else 2) for d in cfg.domains]
         if higher:
@@ -48,6 +52,9 @@ def write_tables(cfg, rows: list[dict], original: dict, out: Path) -> tuple[Path
         cells.append(", ".join(d for d in cfg.domains if r["cell"] in on_front[d]) or "-")
         lines.append("| " + " | ".join(cells) + " |")
     folded = [r["cell"] for r in rows if refolded(r)]
+    if any(r.get("anchor") for r in rows):
+        lines += ["", "ort-w8 / ort-w4: ONNX Runtime's MatMulNBitsQuantizer (block 32, symmetric, RTN) on the original's "
+                  "ONNX, the one line a user runs instead; weights MB = its file."]
     lines += ["", "weights MB: bytes the compressed model stores (every factor, index and value at its storage "
               "width); model.onnx MB: the ONNX Runtime file. \"on size frontier\": no other row has both fewer "
               "weight MB and better quality on that domain."]
