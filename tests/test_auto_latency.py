@@ -42,7 +42,7 @@ def test_form_latency_sums_the_nodes_each_form_exports():
     qlr = form_latency(Form("qlr", 4, 8), o, i, spec, lm)
     assert qlr == pytest.approx(form_latency(Form("quant", 4), o, i, spec, lm)
                                 + form_latency(Form("lowrank", 8, 8), o, i, spec, lm) + 2.0)
-    assert form_kernels(Form("qlr", 4, 8), spec) == {Kernel(), Kernel(4, 32), Kernel(8, 32)}
+    assert form_kernels(Form("qlr", 4, 8), o, i, spec) == {Kernel(), Kernel(4, 32), Kernel(8, 32)}
 
 
 @pytest.mark.parametrize("seed", range(25))

@@ -1,7 +1,6 @@
 """Measured decode latency of a stored form, per kernel, on ONNX Runtime's CPU provider.
 
-Why: on this CPU a batch-1 decode step is compute-bound in the weight kernels, and their speed differs by
-form far more than their bytes say (measured, one thread: a 576 x 1536 MatMulNBits takes 34 us at 4 bits
+Why: at batch 1 on this CPU the weight kernels' speed differs by form far more than their bytes say (measured, one thread: a 576 x 1536 MatMulNBits takes 34 us at 4 bits
 block 32, 26 us at block 128, 49 us at 8 bits, 149 us as an fp32 MatMul). `--method auto
 --budget-latency` therefore needs each candidate's latency, measured where it will run.
 
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.registry import cache_dir
 from ..ops.quant_matmul import ACCURACY_LEVEL, pack_nbits
 from .quant import QuantSpec, quant_bytes
 
@@ -116,7 +116,7 @@ def fit_kernel(kernel: Kernel, threads: int) -> tuple[float, float]:
 def _cache_path(threads: int) -> Path:
     import onnxruntime as ort
 
-    root = Path(os.environ.get("FACTORDEPLOY_CACHE", Path.home() / ".cache" / "factordeploy"))
+    root = cache_dir()
     cpu = "".join(ch if ch.isalnum() else "-" for ch in (platform.processor() or platform.machine()))[:40]
     return root / "latency" / f"ort{ort.__version__}-{cpu}-{os.cpu_count()}cpu-t{threads}.json"
 

@@ -136,12 +136,10 @@ def ort_weight_only(src: str | Path, dst: str | Path, bits: int, block: int = 32
     benchmark compares with. Weights read through Transpose(constant) (a tied LM head) get their own
     pre-transposed constant first, so every constant-weight MatMul is quantized, as for int8."""
     import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     import tempfile
 
     import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory(dir=dst.parent) as td:

@@ -75,6 +75,7 @@ class SweepResult:
 
 
 AUTO = "auto"
+ANCHOR_BITS = {"ort-w8": 8, "ort-w4": 4}  # SweepConfig.anchors: ONNX Runtime's weight-only quantizer at these bits
 
 
 def cell_name(method: str, ratio: float) -> str:
@@ -155,6 +156,10 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     for b in cfg.budgets if AUTO in cfg.methods else ():
         if not 0 < b <= 1:
             raise UserError(f"budget {b} is outside (0, 1]", "pass e.g. --budgets 0.1562,0.25")
+    bad = [a for a in cfg.anchors if a not in ANCHOR_BITS]
+    if bad:
+        raise UserError(f"--anchors: unknown anchor(s) {', '.join(bad)}",
+                        f"use {' and/or '.join(ANCHOR_BITS)}, or '' for none")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder", "choose a folder path for --out")
@@ -232,9 +237,6 @@ def measure_latencies(loaded: LoadedModel, rows: list[dict], original: dict, out
         r["latency_point"] = "1x128, 1 thread"
 
 
-ANCHOR_BITS = {"ort-w8": 8, "ort-w4": 4}
-
-
 def anchor_rows(cfg: SweepConfig, rows: list[dict], out: Path, scorer: DomainScorer) -> list[dict]:
     """ONNX Runtime's quantizer on the original (a cell's baseline.onnx), each scored like a cell; cached
     in OUT/anchors/<name>.onnx and .json. None without a baseline (every cell built with --no-baseline)."""
@@ -249,8 +251,9 @@ def anchor_rows(cfg: SweepConfig, rows: list[dict], out: Path, scorer: DomainSco
     for name in cfg.anchors:
         path, row_path = folder / f"{name}.onnx", folder / f"{name}.json"
         want = {"model": cfg.model, "anchor": name, "sample": asdict(cfg.sample), "domains": list(cfg.domains)}
-        if row_path.is_file() and path.is_file() and json.loads(row_path.read_text()).get("config") == want:
-            found.append(json.loads(row_path.read_text()))
+        saved = json.loads(row_path.read_text()) if row_path.is_file() and path.is_file() else {}
+        if saved.get("config") == want:
+            found.append(saved)
             continue
         log(f"anchor {name}: ONNX Runtime's MatMulNBitsQuantizer on the original (block 32, symmetric, RTN)")
         ort_weight_only(base, path, ANCHOR_BITS[name], 32)

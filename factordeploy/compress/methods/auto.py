@@ -33,7 +33,7 @@ from ...errors import UserError
 from ...progress import log, track
 from ..base import CompressContext, CompressResult, Method, MethodOption, register, replace_layer
 from ..budget import ChoiceAllocation, allocate_choices, allocate_choices_within, max_useful_rank
-from ..latency import Kernel, LatencyModel, latency_model
+from ..latency import Kernel, LatencyModel, factor_kernel, latency_model
 from ..layers import DenseLinear, FactorizedLinear, LowRankLinear, QuantLowRankLinear, balance_factors
 from ..linalg import Factors, gram_factor, whitened_svd
 from ..quant import QuantizedMatrix, QuantSpec, quant_bytes
@@ -140,33 +140,27 @@ def form_bytes(f: Form, out_f: int, in_f: int, spec: QuantSpec, elem: int = 4) -
     return quant_bytes(in_f, out_f, _spec(spec, f.bits)) + lowrank_bytes(out_f, in_f, f.rank, _spec(spec, 8))
 
 
-def form_kernels(f: Form, spec: QuantSpec) -> set[Kernel]:
-    """Kernel kinds form `f` may run as (a factor that would not save bytes stays fp32)."""
+def form_nodes(f: Form, out_f: int, in_f: int, spec: QuantSpec) -> list[tuple[int, int, QuantSpec | None]]:
+    """(K, N, storage spec or None for fp32) of every MatMul node form `f` exports, one per stored factor."""
     if f.family == "dense":
-        return {Kernel()}
+        return [(in_f, out_f, None)]
     if f.family == "quant":
-        q = _spec(spec, f.bits, f.block)
-        return {Kernel(q.bits, q.block, q.symmetric)}
-    lr = None if f.bits == 32 and f.family == "lowrank" else _spec(spec, 8 if f.family == "qlr" else f.bits)
-    out = {Kernel()} | ({Kernel(lr.bits, lr.block, lr.symmetric)} if lr else set())
-    if f.family == "qlr":
-        q = _spec(spec, f.bits)
-        out.add(Kernel(q.bits, q.block, q.symmetric))
-    return out
+        return [(in_f, out_f, _spec(spec, f.bits, f.block))]
+    lr = None if f.family == "lowrank" and f.bits == 32 else _spec(spec, 8 if f.family == "qlr" else f.bits)
+    nodes = [(in_f, f.rank, lr), (f.rank, out_f, lr)]
+    return nodes + ([(in_f, out_f, _spec(spec, f.bits))] if f.family == "qlr" else [])
+
+
+def form_kernels(f: Form, out_f: int, in_f: int, spec: QuantSpec) -> set[Kernel]:
+    """Kernel kinds form `f` runs as (a factor that would not save bytes stays fp32, as layers.py stores it)."""
+    return {factor_kernel(K, N, s) for K, N, s in form_nodes(f, out_f, in_f, spec)}
 
 
 def form_latency(f: Form, out_f: int, in_f: int, spec: QuantSpec, lm: LatencyModel) -> float:
-    """Predicted batch-1 microseconds of the nodes form `f` exports (one MatMul / MatMulNBits per stored
-    factor; quant-lowrank's sum costs one more node's overhead)."""
-    if f.family == "dense":
-        return lm.us(Kernel(), in_f, out_f)
-    if f.family == "quant":
-        return lm.factor_us(in_f, out_f, _spec(spec, f.bits, f.block))
-    lr = None if f.family == "lowrank" and f.bits == 32 else _spec(spec, 8 if f.family == "qlr" else f.bits)
-    us = lm.factor_us(in_f, f.rank, lr) + lm.factor_us(f.rank, out_f, lr)
-    if f.family == "qlr":
-        us += lm.factor_us(in_f, out_f, _spec(spec, f.bits)) + lm.coef[Kernel().key][0]
-    return us
+    """Predicted batch-1 microseconds of the nodes form `f` exports (quant-lowrank's sum costs one more
+    node's overhead)."""
+    us = sum(lm.factor_us(K, N, s) for K, N, s in form_nodes(f, out_f, in_f, spec))
+    return us + (lm.coef[Kernel().key][0] if f.family == "qlr" else 0.0)
 
 
 class LayerFit:
@@ -294,7 +288,7 @@ class AutoMethod(Method):
         if spec.grid == "positive":
             raise UserError("--budget-latency is measured on ONNX Runtime's CPU kernels, not TensorRT's",
                             "build with --backend ort, or use --budget (bytes) for a TensorRT engine")
-        kernels = set().union(*(form_kernels(f, spec) for fs in plans.values() for f in fs))
+        kernels = set().union(*(form_kernels(f, o, i, spec) for n, (o, i) in shapes.items() for f in plans[n]))
         lm = latency_model(kernels, int(options.get("latency_threads") or 1),
                            on_measure=lambda k: log(f"auto: timing kernel {k.key} (once per machine, cached)"))
         lats = {n: torch.tensor([form_latency(f, o, i, spec, lm) for f in plans[n]], dtype=torch.float64)
@@ -323,8 +317,7 @@ class AutoMethod(Method):
         plans = self.plan_forms(shapes, ctx.options, spec, elem)
         cap = self.check_reachable(shapes, plans, float(ctx.opt("budget", 0.25)), spec, elem)
         timing = self.latencies(shapes, plans, ctx.options, spec)
-        lats = None if timing is None else timing[0]
-        lat_cap = None if timing is None else timing[1]
+        lats, lat_cap, fp32_us = timing or (None, None, None)
         rounds = int(ctx.opt("correction_rounds", 2))
         minq = float(ctx.opt("min_quality", 0.0) or 0.0)
         bar = QualityBar.for_kind(calib.loaded.kind, minq) if minq else None
@@ -385,12 +378,12 @@ class AutoMethod(Method):
         notes = [f"auto: budget {ctx.opt('budget')} of the fp32 bytes = {cap:,} bytes, chosen {alloc.bytes_after:,} bytes; "
                  f"summed {what} {alloc.error:.4g}; forms: "
                  + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) + "; --ratio is not used"]
-        if timing is not None:
-            us = sum(float(lats[n][j]) for n, j in alloc.choice.items())
+        chosen_us = None if lats is None else sum(float(lats[n][j]) for n, j in alloc.choice.items())
+        if lats is not None:
             notes.append(f"auto: --budget-latency {ctx.opt('budget_latency')}: the chosen kernels' predicted batch-1 "
-                         f"latency {us:,.0f} us per token ({us / timing[2]:.4f} of fp32 {timing[2]:,.0f} us; cap "
-                         f"{lat_cap:,.0f} us; {ctx.opt('latency_threads')} thread(s), measured kernels)"
-                         + uniform_note(plans, lats, timing[2], spec))
+                         f"latency {chosen_us:,.0f} us per token ({chosen_us / fp32_us:.4f} of fp32 {fp32_us:,.0f} us; "
+                         f"cap {lat_cap:,.0f} us; {ctx.opt('latency_threads')} thread(s), measured kernels)"
+                         + uniform_note(plans, lats, fp32_us, spec))
         if held_out:
             notes.append("auto: held-out check (pydoc selection split, task loss; lower is better): "
                          + ", ".join(f"{k} {v['loss']:.5g} ({check.metric} {v['quality']:.4f}, {v['bytes']:,} bytes)"
@@ -401,8 +394,8 @@ class AutoMethod(Method):
             notes.append(f"auto: --min-quality {bar.target:g}: the smallest plan found whose held-out {bar.metric} "
                          f"meets it: {q:.4f} at {alloc.bytes_after:,} bytes ({alloc.bytes_after / full_bytes(shapes, elem):.4f} "
                          f"of the fp32 bytes; bisection over the budget, {SEARCH_STEPS} steps)")
-        extra_lat = {} if timing is None else {"budget_us": round(lat_cap, 1), "fp32_us": round(timing[2], 1),
-                                               "chosen_us": round(sum(float(lats[n][j]) for n, j in alloc.choice.items()), 1)}
+        extra_lat = {} if lats is None else {"budget_us": round(lat_cap, 1), "fp32_us": round(fp32_us, 1),
+                                             "chosen_us": round(chosen_us, 1)}
         return CompressResult(records, notes=notes, extra={**extra_lat, "budget_bytes": cap, "chosen_bytes": alloc.bytes_after,
                                                            "predicted_error": alloc.error, "lambda": alloc.lam,
                                                            "forms": counts, "plan": label, "held_out": held_out})
